@@ -1,0 +1,1 @@
+"""Fused Triton kernels, installed and imported as ``wsshm.kernels``."""
