@@ -16,7 +16,8 @@ BOUNDARY_HIGH = 0.95
 
 
 def _f32(x: Tensor) -> Tensor:
-    return x.float() if x.dtype != torch.float32 else x
+    """Upcast half types (and uint8/bool labels) to fp32; float64 stays float64 for gradcheck."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def boundary_mask(M: Tensor) -> Tensor:
@@ -24,7 +25,7 @@ def boundary_mask(M: Tensor) -> Tensor:
 
     Compared in fp32 against fp32 constants, so a bf16 0.05 (which is 0.0500488...) is inside.
     """
-    M = _f32(M.detach())
+    M = M.detach().float()
     return ((M > BOUNDARY_LOW) & (M < BOUNDARY_HIGH)).float()
 
 
@@ -35,7 +36,7 @@ def mlb_blend(Mt: Tensor, At: Tensor, S: Tensor, threshold: float | None = 0.5) 
     segmentation label elsewhere; ``threshold=None`` blends with the soft ``At`` itself.
     """
     Mt, At, S = _f32(Mt.detach()), _f32(At.detach()), _f32(S.detach())
-    H = At if threshold is None else (At > float(threshold)).float()
+    H = At if threshold is None else (At.float() > float(threshold)).to(Mt.dtype)
     return H * Mt + (1.0 - H) * S
 
 
