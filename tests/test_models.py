@@ -1,0 +1,234 @@
+"""The matting network, its registry, safetensors weights and torchvision encoder loading."""
+import inspect
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import wsshm.models.io
+from wsshm.models import (MattingNet, ResNetEncoder, build_model, canonical_arch, list_models,
+                          load_torchvision_encoder, load_weights, matte_logits, register_model, save_weights)
+
+# torchvision.models.resnetN(): parameter count minus fc (fc = 512*1000+1000 or 2048*1000+1000) and
+# len(state_dict()) including fc.weight/fc.bias, as torchvision reports them.
+TORCHVISION = {18: (11_689_512 - 513_000, 122), 34: (21_797_672 - 513_000, 218),
+               50: (25_557_032 - 2_049_000, 320), 101: (44_549_160 - 2_049_000, 626)}
+# a few torchvision keys with their shapes
+TORCHVISION_KEYS = {
+    18: {"conv1.weight": (64, 3, 7, 7), "layer1.1.conv2.weight": (64, 64, 3, 3),
+         "layer2.0.downsample.0.weight": (128, 64, 1, 1), "layer4.1.bn2.running_var": (512,)},
+    50: {"layer1.0.downsample.0.weight": (256, 64, 1, 1), "layer2.0.conv2.weight": (128, 128, 3, 3),
+         "layer4.2.conv3.weight": (2048, 512, 1, 1)},
+    101: {"layer3.22.bn3.running_mean": (1024,), "layer3.0.downsample.1.num_batches_tracked": ()},
+}
+
+
+def tiny(name="unet_r18_w0.25"):
+    torch.manual_seed(0)
+    return build_model(name)
+
+
+@pytest.mark.parametrize("depth", sorted(TORCHVISION))
+def test_encoder_matches_torchvision_resnet(depth):
+    count, entries = TORCHVISION[depth]
+    encoder = ResNetEncoder(depth)
+    state = encoder.state_dict()
+    assert sum(p.numel() for p in encoder.parameters()) == count
+    assert len(state) + 2 == entries
+    for key, shape in TORCHVISION_KEYS.get(depth, {}).items():
+        assert tuple(state[key].shape) == shape, key
+    assert not any("maxpool" in k or k.startswith("fc.") for k in state)
+
+
+def test_width_multiplier_scales_every_encoder_width():
+    encoder = ResNetEncoder(18, width=0.5)
+    assert encoder.channels == [32, 32, 64, 128, 256]
+    assert tuple(encoder.state_dict()["layer3.0.downsample.0.weight"].shape) == (128, 64, 1, 1)
+    assert ResNetEncoder(50, width=0.25).channels == [16, 64, 128, 256, 512]
+
+
+def test_encoder_strides_without_maxpool():
+    encoder = ResNetEncoder(18, width=0.25).eval()
+    with torch.no_grad():
+        features = encoder(torch.zeros(1, 3, 64, 96))
+    assert [tuple(f.shape[-2:]) for f in features] == [(32, 48), (32, 48), (16, 24), (8, 12), (4, 6)]
+    assert [f.shape[1] for f in features] == encoder.channels
+
+
+@pytest.mark.parametrize("name, shape", [("unet_r18_w0.25", (2, 3, 64, 96)), ("unet_r50_w0.125", (1, 3, 32, 64))])
+def test_forward_shapes_ranges_and_logits(name, shape):
+    model = tiny(name).eval()
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        matte, boundary = model(x)
+        matte_logit, boundary_logit = model.forward_logits(x)
+        logit = matte_logits(model, x)
+    assert matte.shape == boundary.shape == (shape[0], 1, *shape[2:])
+    assert 0 < float(matte.min()) and float(matte.max()) < 1
+    torch.testing.assert_close(matte, torch.sigmoid(matte_logit))
+    torch.testing.assert_close(boundary, torch.sigmoid(boundary_logit))
+    torch.testing.assert_close(logit, matte_logit)
+    assert not torch.equal(matte, boundary)  # two distinct heads
+
+
+def test_rejects_sides_not_multiples_of_the_stride():
+    with pytest.raises(ValueError, match="multiples of 16.*64x72"):
+        tiny()(torch.zeros(1, 3, 64, 72))
+
+
+def test_trains_with_batch_one_and_gradients_reach_encoder_and_both_heads():
+    model = tiny().train()
+    matte, boundary = model(torch.randn(1, 3, 32, 64))
+    (matte.mean() + boundary.mean()).backward()
+    for param in (model.encoder.conv1.weight, model.aspp.pool[0].weight,
+                  model.matte_head.logit.weight, model.boundary_head.logit.weight):
+        assert param.grad is not None and float(param.grad.abs().sum()) > 0
+
+
+def test_input_skip_reaches_the_output():
+    """The full-resolution skip: changing one input pixel changes the matte at that pixel most."""
+    model = tiny().eval()
+    x = torch.zeros(1, 3, 64, 64)
+    y = x.clone()
+    y[0, :, 40, 21] = 3.0
+    with torch.no_grad():
+        delta = (model.forward_logits(y)[0] - model.forward_logits(x)[0]).abs()[0, 0]
+    assert float(delta[40, 21]) > 0
+    assert int(delta.argmax()) // 64 in range(38, 43)
+
+
+def test_registry_names():
+    assert canonical_arch("unet_r18_w0.50") == "unet_r18_w0.5"
+    assert canonical_arch("unet_r101_w1.0") == "unet_r101"
+    assert {"unet_r18", "unet_r18_w0.5", "unet_r34", "unet_r50", "unet_r101"} <= set(list_models())
+    model = build_model("unet_r18_w0.5")
+    assert model.arch == "unet_r18_w0.5" and isinstance(model, MattingNet)
+    assert model.encoder.channels[0] == 32
+    for bad in ("unet_r19", "unet_r18_w0", "resnet18", "unet_r18_wx"):
+        with pytest.raises(ValueError, match="unknown model"):
+            build_model(bad)
+
+
+class MatteOnly(nn.Module):
+    """A student from outside the package: one conv, a single sigmoid matte."""
+
+    def __init__(self, channels=4):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 1, 3, padding=1)
+        self.channels = channels
+
+    def forward(self, x):
+        return torch.sigmoid(self.conv(x))
+
+
+def test_custom_student_registers_saves_and_loads(tmp_path):
+    register_model("test_matte_only", MatteOnly)
+    model = build_model("test_matte_only", channels=7)
+    assert model.arch == "test_matte_only" and "test_matte_only" in list_models()
+    assert matte_logits(model, torch.zeros(1, 3, 32, 32)) is None
+    save_weights(model, tmp_path / "custom.safetensors")
+    loaded = load_weights(tmp_path / "custom.safetensors")
+    assert isinstance(loaded, MatteOnly) and loaded.channels == 7
+    torch.testing.assert_close(loaded.conv.weight, model.conv.weight, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="built-in"):
+        register_model("unet_r18", MatteOnly)
+
+
+def test_save_load_round_trip(tmp_path):
+    model = build_model("unet_r18_w0.25", aspp_rates=(2, 4, 6)).eval()
+    with torch.no_grad():  # non-default buffers, so a fresh network would not pass
+        model.encoder.bn1.running_mean.uniform_(-1, 1)
+    model.encoder.bn1.num_batches_tracked.fill_(17)
+    path = tmp_path / "sub" / "w.safetensors"
+    save_weights(model, path, metadata={"stage": "teacher", "steps": 12})
+    assert sorted(os.listdir(path.parent)) == ["w.safetensors"]  # no temporary left behind
+    loaded = load_weights(path).eval()
+    assert loaded.arch == "unet_r18_w0.25"
+    assert loaded.aspp.branches[3][0].dilation == (6, 6)
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    x = torch.randn(1, 3, 32, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    from wsshm.models import read_weights
+    _, meta = read_weights(path)
+    assert meta["stage"] == "teacher" and meta["steps"] == "12" and meta["arch"] == "unet_r18_w0.25"
+
+
+def test_bf16_weights_load_as_fp32(tmp_path):
+    model = tiny().to(torch.bfloat16)
+    save_weights(model, tmp_path / "bf16.safetensors")
+    loaded = load_weights(tmp_path / "bf16.safetensors")
+    assert loaded.encoder.conv1.weight.dtype == torch.float32
+    torch.testing.assert_close(loaded.encoder.conv1.weight, model.encoder.conv1.weight.float(), rtol=0, atol=0)
+
+
+def test_load_errors_name_the_file(tmp_path):
+    missing = tmp_path / "missing.safetensors"
+    with pytest.raises(ValueError, match=f"{missing}: no such weights file"):
+        load_weights(missing)
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    with pytest.raises(ValueError, match=f"{corrupt}: not a readable safetensors file"):
+        load_weights(corrupt)
+    unknown = tmp_path / "unknown.safetensors"
+    save_file({"w": torch.zeros(2)}, unknown, metadata={"arch": "unet_r7"})
+    with pytest.raises(ValueError, match=f"{unknown}: cannot build arch 'unet_r7'"):
+        load_weights(unknown)
+    no_arch = tmp_path / "no_arch.safetensors"
+    save_file({"w": torch.zeros(2)}, no_arch)
+    with pytest.raises(ValueError, match=f"{no_arch}: no 'arch'"):
+        load_weights(no_arch)
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"w": torch.zeros(2)}, wrong, metadata={"arch": "unet_r18_w0.25"})
+    with pytest.raises(ValueError, match=f"{wrong}: the weights do not fit a 'unet_r18_w0.25'"):
+        load_weights(wrong)
+    with pytest.raises(ValueError, match="has no .arch"):
+        save_weights(nn.Linear(2, 2), tmp_path / "x.safetensors")
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_load_weights_never_unpickles(tmp_path):
+    marker = tmp_path / "unpickled"
+    path = tmp_path / "pickled.safetensors"
+    with open(path, "wb") as handle:
+        pickle.dump({"state": _Payload(str(marker))}, handle)
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        load_weights(path)
+    assert not marker.exists()
+    source = inspect.getsource(wsshm.models.io)
+    assert "pickle" not in source.replace("never pickle", "") and "torch.load" not in source
+
+
+def test_load_torchvision_encoder_strict():
+    torch.manual_seed(1)
+    # a torchvision-shaped state dict: the width-1.0 encoder's names and shapes, random values, fc
+    reference = ResNetEncoder(18)
+    state = {k: (torch.randn_like(v) if v.is_floating_point() else torch.full_like(v, 5))
+             for k, v in reference.state_dict().items()}
+    state["fc.weight"], state["fc.bias"] = torch.randn(1000, 512), torch.randn(1000)
+    model = build_model("unet_r18")
+    decoder_before = model.aspp.project[0].weight.clone()
+    load_torchvision_encoder(model, state)
+    for key, value in model.encoder.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert torch.equal(model.aspp.project[0].weight, decoder_before)
+
+    del state["layer2.1.bn2.weight"]
+    with pytest.raises(ValueError, match="layer2.1.bn2.weight"):
+        load_torchvision_encoder(build_model("unet_r18"), state)
+    state_w = {k: v for k, v in ResNetEncoder(18).state_dict().items()}
+    with pytest.raises(ValueError, match="width 0.5"):
+        load_torchvision_encoder(build_model("unet_r18_w0.5"), state_w)
+    with pytest.raises(ValueError, match="no ResNet encoder"):
+        load_torchvision_encoder(MatteOnly(), state_w)

@@ -1,0 +1,68 @@
+"""Networks by name: ``unet_r{18,34,50,101}[_w<width>]`` plus anything added with ``register_model``.
+
+``build_model`` stamps the result with ``.arch`` (the canonical name, e.g. ``unet_r18_w0.5``; width
+1.0 has no suffix) and ``.arch_kwargs`` (the keyword arguments), which ``save_weights`` records so
+``load_weights`` can rebuild the same network.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+from torch import nn
+
+from .resnet import DEPTHS
+from .unet import MattingNet
+
+UNET_NAME = re.compile(r"unet_r(\d+)(?:_w(\d*\.?\d+))?")
+PAPER_MODELS = ("unet_r18_w0.5", "unet_r18", "unet_r34", "unet_r50", "unet_r101")
+_CUSTOM: dict[str, Callable[..., nn.Module]] = {}
+
+
+def _parse_unet(name: str) -> tuple[int, float] | None:
+    match = UNET_NAME.fullmatch(name)
+    if match is None or int(match.group(1)) not in DEPTHS:
+        return None
+    width = float(match.group(2)) if match.group(2) else 1.0
+    return (int(match.group(1)), width) if width > 0 else None
+
+
+def canonical_arch(name: str) -> str:
+    """The name ``build_model(name).arch`` will carry (``unet_r18_w1.0`` -> ``unet_r18``)."""
+    if name in _CUSTOM:
+        return name
+    parsed = _parse_unet(name)
+    if parsed is None:
+        registered = f" or a registered name ({', '.join(sorted(_CUSTOM))})" if _CUSTOM else ""
+        raise ValueError(f"unknown model '{name}': expected unet_r{{{','.join(map(str, DEPTHS))}}}"
+                         f"[_w<width>] with a positive width{registered}")
+    depth, width = parsed
+    return f"unet_r{depth}" if width == 1.0 else f"unet_r{depth}_w{width:g}"
+
+
+def register_model(name: str, factory: Callable[..., nn.Module]) -> None:
+    """Make ``build_model(name, **kw)`` (and so ``load_weights``) build ``factory(**kw)``.
+
+    The module's ``forward(x)`` must return ``(matte, boundary)`` or a matte ``[B,1,H,W]`` in
+    [0, 1]; an optional ``forward_logits(x)`` returns the pre-sigmoid maps.
+    """
+    if _parse_unet(name) is not None:
+        raise ValueError(f"'{name}' is a built-in U-Net name; register custom models under another name")
+    _CUSTOM[name] = factory
+
+
+def list_models() -> list[str]:
+    """The paper's networks and the registered ones (any ``_w<width>`` suffix also builds)."""
+    return list(PAPER_MODELS) + sorted(_CUSTOM)
+
+
+def build_model(name: str, **kwargs) -> nn.Module:
+    arch = canonical_arch(name)
+    if arch in _CUSTOM:
+        model = _CUSTOM[arch](**kwargs)
+    else:
+        depth, width = _parse_unet(arch)
+        model = MattingNet(depth=depth, width=width, **kwargs)
+    model.arch = arch
+    model.arch_kwargs = dict(kwargs)
+    return model
