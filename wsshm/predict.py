@@ -1,0 +1,170 @@
+"""``wsshm-predict``: alpha mattes, RGBA cut-outs and composites for photos.
+
+For each readable image it writes, under ``--out``:
+``alpha/<name>.png`` (8-bit matte), ``cutout/<name>.png`` (RGBA, the matte as alpha) and, with
+``--composite '#00ff00'`` or ``--background PATH``, ``composite/<name>.png``
+(``alpha * image + (1 - alpha) * background``; a background image is resized to each photo).
+``<name>`` is the file's stem, or its path relative to a folder given on the command line.
+Unreadable inputs are reported and skipped; the exit status is non-zero only when nothing could be
+processed. Every file is written to a temporary name and renamed, so no half-written PNG is left.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from wsshm.inference import predict_mattes
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_colour(text: str) -> tuple[int, int, int]:
+    """``'#00ff00'`` / ``'00ff00'`` -> ``(0, 255, 0)``."""
+    match = re.fullmatch(r"#?([0-9a-fA-F]{6})", text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"colour {text!r} is not of the form '#rrggbb'")
+    value = match.group(1)
+    return tuple(int(value[i:i + 2], 16) for i in (0, 2, 4))  # type: ignore[return-value]
+
+
+def collect_inputs(paths: list[str]) -> tuple[list[tuple[Path, str]], list[str]]:
+    """``(file, output name)`` pairs from files and folders (searched recursively for image
+    suffixes), plus the problems found (missing paths). Clashing names get ``-2``, ``-3``, ..."""
+    found: list[tuple[Path, str]] = []
+    problems: list[str] = []
+    for text in paths:
+        path = Path(text)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                problems.append(f"{path}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            found += [(p, p.relative_to(path).with_suffix("").as_posix()) for p in files]
+        elif path.is_file():
+            found.append((path, path.stem))
+        else:
+            problems.append(f"{path}: no such file or folder")
+    used: dict[str, int] = {}
+    unique = []
+    for path, name in found:
+        used[name] = used.get(name, 0) + 1
+        unique.append((path, name if used[name] == 1 else f"{name}-{used[name]}"))
+    return unique, problems
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """uint8 ``H x W x 3`` RGB, EXIF orientation applied."""
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def write_png_atomic(array: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".png.tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        Image.fromarray(array).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_outputs(image: np.ndarray, matte: np.ndarray, name: str, out: Path,
+                  colour: tuple[int, int, int] | None, background: np.ndarray | None) -> None:
+    alpha8 = np.round(matte * 255.0).astype(np.uint8)
+    write_png_atomic(alpha8, out / "alpha" / f"{name}.png")
+    write_png_atomic(np.dstack([image, alpha8]), out / "cutout" / f"{name}.png")
+    if colour is None and background is None:
+        return
+    h, w = image.shape[:2]
+    if background is not None:
+        back = np.asarray(Image.fromarray(background).resize((w, h), Image.BILINEAR), dtype=np.float32)
+    else:
+        back = np.broadcast_to(np.array(colour, dtype=np.float32), image.shape)
+    a = matte[..., None]
+    composite = a * image.astype(np.float32) + (1.0 - a) * back
+    write_png_atomic(np.clip(np.round(composite), 0, 255).astype(np.uint8), out / "composite" / f"{name}.png")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="wsshm-predict", description=__doc__.split("\n\n")[0])
+    parser.add_argument("inputs", nargs="+", help="image files and/or folders")
+    parser.add_argument("--weights", required=True, help="safetensors weights written by training")
+    parser.add_argument("--out", required=True, help="output folder")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--composite", type=parse_colour, metavar="'#rrggbb'", help="composite on this colour")
+    group.add_argument("--background", help="composite on this image (resized to each photo)")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 16 on GPU, 1 on CPU")
+    parser.add_argument("--precision", choices=sorted(PRECISIONS), default=None,
+                        help="network compute precision; default fp16 on GPU, fp32 on CPU")
+    parser.add_argument("--short-side", type=int, default=512, help="test-time shorter side (SPEC: 512)")
+    args = parser.parse_args(argv)
+
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_gpu = device.type == "cuda"
+    batch_size = args.batch_size or (16 if on_gpu else 1)
+    precision = PRECISIONS[args.precision or ("fp16" if on_gpu else "fp32")]
+    background = None
+    if args.background:
+        try:
+            background = read_rgb(Path(args.background))
+        except Exception as error:
+            parser.error(f"--background {args.background}: cannot read image ({error})")
+
+    from wsshm.models import load_weights
+
+    try:
+        model = load_weights(args.weights, map_location="cpu").to(device).eval()
+    except ValueError as error:
+        print(f"wsshm-predict: {error}", file=sys.stderr)
+        return 2
+    # channels-last: the layout oneDNN (CPU) and tensor cores (GPU) convolve fastest
+    model = model.to(memory_format=torch.channels_last)
+
+    inputs, failures = collect_inputs(args.inputs)
+    out = Path(args.out)
+    done = 0
+    chunk: list[tuple[str, np.ndarray]] = []
+
+    def flush() -> int:
+        mattes = predict_mattes(model, [image for _, image in chunk], short_side=args.short_side,
+                                device=device, dtype=precision, batch_size=batch_size)
+        for (name, image), matte in zip(chunk, mattes):
+            write_outputs(image, matte, name, out, args.composite, background)
+        count = len(chunk)
+        chunk.clear()
+        return count
+
+    with tqdm(total=len(inputs), unit="img", desc="wsshm-predict", disable=None) as bar:
+        for path, name in inputs:
+            try:
+                chunk.append((name, read_rgb(path)))
+            except Exception as error:  # PIL raises many kinds for broken files; each is reported
+                failures.append(f"{path}: cannot read image ({type(error).__name__}: {error})")
+            if len(chunk) >= 4 * batch_size:  # a few batches at once lets same-size photos share one
+                done += flush()
+            bar.update(1)
+        if chunk:
+            done += flush()
+    for problem in failures:
+        print(f"wsshm-predict: skipped {problem}", file=sys.stderr)
+    print(f"wsshm-predict: {done} image(s) written to {out}, {len(failures)} skipped")
+    return 0 if done else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
