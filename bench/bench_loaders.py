@@ -1,0 +1,126 @@
+"""Loader throughput and the fused op against its PyTorch reference; prints Markdown tables.
+
+    .venv/bin/python bench/bench_loaders.py            # full: batch 16, 512 crops
+    .venv/bin/python bench/bench_loaders.py --quick    # a smoke run (batch 4, 128 crops)
+
+1. The fused op (wsshm._C.fused_prepare) vs fused_prepare_reference (plain torch ops) on a batch of
+   random uint8 crops, per form; median of --repeats; on a GPU also GB/s against a device copy.
+2. Images/s of the DALI pipeline, the PyTorch loader (csrc op) and the PyTorch loader with the
+   reference op, on demo shards, in one run on one machine (teacher and student forms).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from wsshm.data import build_loader  # noqa: E402
+from wsshm.data.fused import fused_prepare, fused_prepare_reference  # noqa: E402
+
+
+def median_time(fn, repeats: int, device: torch.device) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_op(batch: int, size: int, repeats: int, device: torch.device) -> list[str]:
+    g = torch.Generator().manual_seed(0)
+    u8 = lambda *s: torch.randint(1, 256, s, dtype=torch.uint8, generator=g).to(device)  # noqa: E731
+    image, alpha, bg = u8(batch, size, size, 3), u8(batch, size, size), u8(batch, size, size, 3)
+    jitter = torch.tensor([[1.2, 0.8, 1.3, 0.05]] * batch, device=device)
+    forms = {"pretrain": ((image,), {}), "teacher": ((image, alpha, bg), {}), "student": ((image,), {"jitter": jitter})}
+    rows = ["| form | reference ms | csrc ms | speed-up | csrc GB/s | copy GB/s |", "|---|---|---|---|---|---|"]
+    for form, (args, kw) in forms.items():
+        ref = median_time(lambda: fused_prepare_reference(*args, **kw), repeats, device)
+        fused = median_time(lambda: fused_prepare(*args, **kw), repeats, device)
+        gbs = copy_gbs = "-"
+        if device.type == "cuda":
+            outputs = fused_prepare(*args, **kw)
+            moved = sum(t.numel() * t.element_size() for t in (*args, *kw.values()))
+            moved += sum(o.numel() * o.element_size() for o in outputs if o is not None)
+            gbs = f"{moved / fused / 1e9:.0f}"
+            src = torch.empty(moved // 2, dtype=torch.uint8, device=device)
+            dst = torch.empty_like(src)
+            copy_gbs = f"{2 * src.numel() / median_time(lambda: dst.copy_(src), repeats, device) / 1e9:.0f}"
+        rows.append(f"| {form} | {ref * 1e3:.1f} | {fused * 1e3:.1f} | {ref / fused:.2f}x | {gbs} | {copy_gbs} |")
+    return rows
+
+
+def bench_loaders(folders: dict, batch: int, size: int, batches: int, workers: int, device: torch.device) -> list[str]:
+    variants = [("DALI pipeline", "dali", "csrc"), ("PyTorch loader (csrc op)", "torch", "csrc"),
+                ("PyTorch loader (plain torch ops)", "torch", "torch")]
+    rows = ["| loader | form | images/s | vs PyTorch loader (csrc) |", "|---|---|---|---|"]
+    for form in ("teacher", "student"):
+        results = {}
+        for name, backend, op in variants:
+            loader = build_loader(form, seg=folders["seg"], matte=folders["matte"], background=folders["background"],
+                                  batch_size=batch, crop_sizes=size, backend=backend, op=op, num_workers=workers,
+                                  device=device, verify=False)
+            for _ in range(2):  # warm-up: workers / pipeline start
+                next(loader)
+            t = time.perf_counter()
+            for _ in range(batches):
+                b = next(loader)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            results[name] = batches * batch / (time.perf_counter() - t)
+            del b, loader
+        base = results["PyTorch loader (csrc op)"]
+        rows += [f"| {name} | {form} | {ips:.1f} | {ips / base:.2f}x |" for name, ips in results.items()]
+    return rows
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, for CI and smoke tests")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--size", type=int, default=512, help="crop size")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--batches", type=int, default=6, help="timed loader batches")
+    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers / DALI threads")
+    ap.add_argument("--data", help="folder for the demo shards (default: a temporary one)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.batch, args.size, args.repeats, args.batches = 4, 128, 3, 2
+    device = torch.device(args.device)
+    from wsshm.shards.demo import generate
+
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
+          f"{torch.get_num_threads()}, device {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+          + f", load average {os.getloadavg()[0]:.2f}")
+    print(f"\n### fused op, batch {args.batch} crops at {args.size} (median of {args.repeats})\n")
+    print("\n".join(bench_op(args.batch, args.size, args.repeats, device)))
+    with tempfile.TemporaryDirectory() as tmp:
+        image_size = max(160, int(args.size * 1.25))
+        folders = generate(args.data or tmp, size=image_size, mattes=24, backgrounds=24, seg=48, eval_natural=1,
+                           eval_synthetic=1)
+        print(f"\n### loaders, batch {args.batch} crops at {args.size}, {args.batches} batches, {args.workers} "
+              f"workers/threads, demo shards of {int(image_size * 0.75)}x{image_size} images\n")
+        print("\n".join(bench_loaders(folders, args.batch, args.size, args.batches, args.workers, device)))
+
+
+if __name__ == "__main__":
+    main()

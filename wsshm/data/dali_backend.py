@@ -1,0 +1,190 @@
+"""The DALI loader: ``fn.readers.webdataset`` over the shards' indexes, decoding (``mixed`` on a GPU,
+``cpu`` with ``device_id=None`` without one), random scale / crop / flip in DALI; the per-pixel work
+(compositing, colour jitter, normalisation) in the fused op on the training device, as the PyTorch
+loader does. The geometry is drawn by ``wsshm.data.params`` and fed through an external source, so
+both loaders draw the same parameters; DALI's checkpoint carries the readers' positions for resume.
+"""
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import tempfile
+import weakref
+
+import numpy as np
+import torch
+
+from wsshm.data import params
+from wsshm.data.finish import finish_batch
+from wsshm.data.samples import DataError, ShardSet
+
+EXTENSIONS = {"matte": ["fg.jpg;fg.png", "alpha.png"], "seg": ["jpg;png", "mask.png"], "background": ["jpg;png"]}
+
+
+def check_shards(*shard_sets: ShardSet) -> None:
+    """The ``wsshm-shard verify`` checks, up front: DALI cannot skip a bad sample mid-run."""
+    from wsshm import shards
+
+    problems = [f"{s.folder}: {p}" for s in shard_sets for p in shards.verify(s.folder)]
+    if problems:
+        raise DataError("shards failed verification (run wsshm-shard verify):\n  " + "\n  ".join(problems))
+
+
+def write_indexes(shard_set: ShardSet, folder: str) -> tuple[list[str], list[str]]:
+    """DALI index files holding exactly the shard set's samples (a ``num_samples`` subset included)."""
+    tars, indexes = [], []
+    by_shard: dict[str, list[str]] = {}
+    for s in shard_set.samples:
+        by_shard.setdefault(s.shard, []).append(s.index_line)
+    for n, tar in enumerate(shard_set.shards):
+        path = os.path.join(folder, f"{shard_set.kind}-{n:06d}.idx")
+        with open(path, "w") as f:
+            f.write(f"v1.2 {len(by_shard[tar])}\n" + "\n".join(by_shard[tar]) + "\n")
+        tars.append(tar)
+        indexes.append(path)
+    return tars, indexes
+
+
+class GeometrySource:
+    """External source: per-sample crop size, scale, crop position and flip for each batch."""
+
+    def __init__(self, form: str, config: params.AugmentConfig, batch_size: int, seed: int, rank: int):
+        self.form, self.config, self.batch_size, self.seed, self.rank = form, config, batch_size, seed, rank
+
+    def __call__(self, batch_info):
+        step, B = batch_info.iteration, self.batch_size
+        size = params.crop_size(self.config, self.seed, step)
+        outputs = [np.full(B, size, np.float32)]
+        for stream in (0, 1) if self.form == "teacher" else (0,):
+            g = params.geometry(self.config, B, self.seed, step, self.rank, stream)
+            outputs += [g.scale, g.x, g.y, g.flip.astype(np.int32)]
+        return tuple(outputs)
+
+
+def _build_pipeline(form, data_files, bg_files, source, *, batch_size, num_threads, device_id, seed,
+                    rank, world_size, checkpoint):
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import math as dmath
+
+    gpu = device_id is not None
+    decoder = "mixed" if gpu else "cpu"
+    n_out = 9 if form == "teacher" else 5
+
+    def read(files, kind, name, reader_seed):
+        return fn.readers.webdataset(
+            paths=files[0], index_paths=files[1], ext=EXTENSIONS[kind], shard_id=rank, num_shards=world_size,
+            random_shuffle=True, initial_fill=256, seed=reader_seed, missing_component_behavior="error", name=name)
+
+    def decode_crop(encoded, size, scale, x, y, flip, grey=False, nearest=False):
+        # Decode only the window that becomes the crop (a square of side min(h, w) / scale at the
+        # fractional position x, y), then resize it to size x size: the same geometry as resizing
+        # the shorter side to size*scale and cropping, without resizing the whole image.
+        shape = fn.cast(fn.peek_image_shape(encoded), dtype=types.FLOAT)
+        side = dmath.floor(dmath.min(shape[0], shape[1]) / scale)
+        image = fn.decoders.image_crop(encoded, device=decoder, output_type=types.GRAY if grey else types.RGB,
+                                       crop_w=side, crop_h=side, crop_pos_x=x, crop_pos_y=y)
+        image = fn.resize(image, resize_x=size, resize_y=size,
+                          interp_type=types.INTERP_NN if nearest else types.INTERP_LINEAR, antialias=not nearest)
+        return fn.flip(image, horizontal=flip)
+
+    @pipeline_def(enable_checkpointing=True)
+    def pipeline():
+        geo = fn.external_source(source=source, num_outputs=n_out, batch=True, batch_info=True)
+        size = geo[0]
+        kind = "matte" if form == "teacher" else "seg"
+        encoded, encoded_label = read(data_files, kind, "data", seed * 2 + 1)
+        image = decode_crop(encoded, size, *geo[1:5])
+        label = decode_crop(encoded_label, size, *geo[1:5], grey=True, nearest=form != "teacher")
+        if form != "teacher":
+            return image, label
+        encoded_bg = read(bg_files, "background", "background", seed * 2 + 2)  # one ext: one node
+        return image, label, decode_crop(encoded_bg, size, *geo[5:9])
+
+    pipe = pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed + 7919 * rank,
+                    prefetch_queue_depth=2, checkpoint=checkpoint)
+    pipe.build()
+    return pipe
+
+
+def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        dense = tensor_list.as_tensor()
+        out = torch.empty(dense.shape(), dtype=torch.uint8, device=device)
+        feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device))
+        return out
+    return torch.from_numpy(np.array(tensor_list.as_tensor()))
+
+
+class DaliLoader:
+    """Endless iterator of training batches; the state is the step and DALI's pipeline checkpoint."""
+
+    backend = "dali"
+
+    def __init__(self, form: str, data: ShardSet, background: ShardSet | None, *, batch_size: int,
+                 config: params.AugmentConfig, rank: int, world_size: int, seed: int, device: torch.device,
+                 num_workers: int, finish_kw: dict):
+        self.form, self.batch_size, self.config = form, batch_size, config
+        self.rank, self.world_size, self.seed, self.device = rank, world_size, seed, device
+        self.num_threads = max(1, num_workers)
+        self.finish_kw = finish_kw
+        self._tmp = tempfile.mkdtemp(prefix="wsshm-dali-idx-")
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self._tmp, True)
+        self.data_files = write_indexes(data, self._tmp)
+        bg_dir = os.path.join(self._tmp, "bg")
+        os.makedirs(bg_dir)
+        self.bg_files = write_indexes(background, bg_dir) if background is not None else None
+        self.step = 0
+        self._pipe = None
+        self._checkpoint = None
+
+    def __iter__(self):
+        return self
+
+    def _start(self):
+        device_id = None
+        if self.device.type == "cuda":
+            device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        source = GeometrySource(self.form, self.config, self.batch_size, self.seed, self.rank)
+        self._pipe = _build_pipeline(
+            self.form, self.data_files, self.bg_files, source, batch_size=self.batch_size,
+            num_threads=self.num_threads, device_id=device_id, seed=self.seed, rank=self.rank,
+            world_size=self.world_size, checkpoint=self._checkpoint)
+
+    def __next__(self) -> dict:
+        if self._pipe is None:
+            self._start()
+        outputs = [_to_torch(o, self.device) for o in self._pipe.run()]
+        if self.form == "teacher":
+            raw = {"fg": outputs[0], "alpha": outputs[1][..., 0], "background": outputs[2]}
+        else:
+            raw = {"image": outputs[0], "mask": outputs[1][..., 0]}
+            if self.form == "student":
+                raw["jitter"] = torch.from_numpy(
+                    params.jitter(self.config, self.batch_size, self.seed, self.step, self.rank))
+        self.step += 1
+        return finish_batch(self.form, raw, self.device, **self.finish_kw)
+
+    def state_dict(self) -> dict:
+        checkpoint = self._pipe.checkpoint() if self._pipe is not None else self._checkpoint
+        if isinstance(checkpoint, bytes):  # keep the state JSON-safe
+            checkpoint = "base64:" + base64.b64encode(checkpoint).decode()
+        return {"backend": self.backend, "form": self.form, "step": self.step, "seed": self.seed, "rank": self.rank,
+                "world_size": self.world_size, "batch_size": self.batch_size, "dali_checkpoint": checkpoint}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("backend", "form", "seed", "world_size", "batch_size"):
+            if state.get(key) != getattr(self, key):
+                raise ValueError(f"loader state was saved with {key}={state.get(key)!r}, this loader has "
+                                 f"{getattr(self, key)!r}")
+        self.close()
+        self.step = int(state["step"])
+        checkpoint = state["dali_checkpoint"]
+        if isinstance(checkpoint, str) and checkpoint.startswith("base64:"):
+            checkpoint = base64.b64decode(checkpoint[len("base64:"):])
+        self._checkpoint = checkpoint
+
+    def close(self) -> None:
+        self._pipe = None

@@ -1,0 +1,178 @@
+"""The PyTorch loader: random access to the shards through their indexes, decoding and geometry in
+DataLoader workers (OpenCV), the per-pixel work in the fused op on the training device.
+
+Global batch ``step`` takes the positions ``step*world*B + rank*B + j`` of an endless stream made of
+shuffled epochs, so ranks get disjoint samples within an epoch, every batch is full, and the loader's
+whole state is its step counter.
+"""
+from __future__ import annotations
+
+import itertools
+import sys
+import warnings
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from wsshm.data import params
+from wsshm.data.finish import finish_batch
+from wsshm.data.samples import IMAGE_MEMBERS, LABEL_MEMBER, Sample, ShardSet
+
+
+class CorruptSample(ValueError):
+    pass
+
+
+def _decode(sample: Sample, ext: str, grey: bool) -> np.ndarray:
+    data = sample.read(ext)
+    flag = cv2.IMREAD_GRAYSCALE if grey else cv2.IMREAD_COLOR
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+    if image is None:
+        raise CorruptSample(f"{sample.shard}: sample {sample.key}: member {ext} does not decode")
+    return image if grey else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def decode_sample(sample: Sample, kind: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """(RGB uint8 HxWx3, label uint8 HxW or None) of one sample; ``CorruptSample`` names the shard and key."""
+    image_ext = next((e for e in IMAGE_MEMBERS[kind] if e in sample.members), None)
+    label_ext = LABEL_MEMBER[kind]
+    if image_ext is None or (label_ext and label_ext not in sample.members):
+        raise CorruptSample(f"{sample.shard}: sample {sample.key}: missing members "
+                            f"(has {', '.join(sorted(sample.members))})")
+    try:
+        image = _decode(sample, image_ext, grey=False)
+        label = _decode(sample, label_ext, grey=True) if label_ext else None
+    except OSError as exc:
+        raise CorruptSample(f"{sample.shard}: sample {sample.key}: {exc}") from exc
+    if label is not None and label.shape != image.shape[:2]:
+        raise CorruptSample(f"{sample.shard}: sample {sample.key}: {label_ext} is {label.shape[1]}x{label.shape[0]}, "
+                            f"the image {image.shape[1]}x{image.shape[0]}")
+    return image, label
+
+
+def crop(image: np.ndarray, size: int, scale: float, x: float, y: float, flip: bool, nearest=False) -> np.ndarray:
+    """Resize so the shorter side is ``size*scale``, crop ``size`` square at fraction (x, y) of the room,
+    flip: done as crop-then-resize of the matching window of the original, which is cheaper."""
+    h, w = image.shape[:2]
+    side = min(h, w) / scale  # window in original pixels that becomes the crop
+    side_px = max(1, min(int(round(side)), h, w))
+    x0 = int(round(x * (w - side_px)))
+    y0 = int(round(y * (h - side_px)))
+    window = image[y0 : y0 + side_px, x0 : x0 + side_px]
+    if nearest:
+        interpolation = cv2.INTER_NEAREST
+    else:
+        interpolation = cv2.INTER_AREA if side_px > size else cv2.INTER_LINEAR
+    out = cv2.resize(window, (size, size), interpolation=interpolation)
+    return np.ascontiguousarray(out[:, ::-1]) if flip else out
+
+
+class BatchDataset(Dataset):
+    """Item ``step`` is this rank's uint8 batch of global batch ``step``."""
+
+    def __init__(self, form: str, data: ShardSet, background: ShardSet | None, batch_size: int,
+                 config: params.AugmentConfig, rank: int, world_size: int, seed: int):
+        self.form, self.data, self.background = form, data, background
+        self.batch_size, self.config = batch_size, config
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self._orders: dict[int, np.ndarray] = {}
+        self._warned: set[str] = set()
+
+    def __len__(self):  # endless; DataLoader only needs a number
+        return 2**62
+
+    def _index(self, position: int) -> int:
+        n = len(self.data)
+        epoch = position // n
+        if epoch not in self._orders:
+            self._orders = {epoch: params.sample_order(n, self.seed, epoch)}
+        return int(self._orders[epoch][position % n])
+
+    def _decode_at(self, shard_set: ShardSet, index: int, kind: str):
+        """Decode sample ``index``, skipping corrupt ones (with a warning) to the next good one."""
+        for attempt in range(len(shard_set)):
+            sample = shard_set.samples[(index + attempt) % len(shard_set)]
+            try:
+                return decode_sample(sample, kind)
+            except CorruptSample as exc:
+                if str(exc) not in self._warned:
+                    self._warned.add(str(exc))
+                    warnings.warn(f"skipping corrupt sample: {exc}", RuntimeWarning, stacklevel=2)
+        raise RuntimeError(f"{shard_set.folder}: no sample decodes")
+
+    def __getitem__(self, step: int) -> dict:
+        cv2.setNumThreads(1)
+        B, cfg = self.batch_size, self.config
+        size = params.crop_size(cfg, self.seed, step)
+        geo = params.geometry(cfg, B, self.seed, step, self.rank)
+        first = (step * self.world_size + self.rank) * B
+        images, labels = [], []
+        for j in range(B):
+            image, label = self._decode_at(self.data, self._index(first + j), self.data.kind)
+            args = (size, float(geo.scale[j]), float(geo.x[j]), float(geo.y[j]), bool(geo.flip[j]))
+            images.append(crop(image, *args))
+            labels.append(crop(label, *args, nearest=self.form != "teacher"))
+        images, labels = torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(labels))
+        if self.form == "teacher":
+            bg_geo = params.geometry(cfg, B, self.seed, step, self.rank, stream=1)
+            choice = params.background_choice(len(self.background), B, self.seed, step, self.rank)
+            backgrounds = []
+            for j in range(B):
+                bg, _ = self._decode_at(self.background, int(choice[j]), "background")
+                backgrounds.append(crop(bg, size, float(bg_geo.scale[j]), float(bg_geo.x[j]),
+                                        float(bg_geo.y[j]), bool(bg_geo.flip[j])))
+            return {"fg": images, "alpha": labels, "background": torch.from_numpy(np.stack(backgrounds))}
+        raw = {"image": images, "mask": labels}
+        if self.form == "student":
+            raw["jitter"] = torch.from_numpy(params.jitter(cfg, B, self.seed, step, self.rank))
+        return raw
+
+
+class TorchLoader:
+    """Endless iterator of training batches; ``state_dict()`` is the number of batches handed out."""
+
+    backend = "torch"
+
+    def __init__(self, dataset: BatchDataset, device: torch.device, num_workers: int, finish_kw: dict):
+        self.dataset, self.device, self.num_workers = dataset, device, num_workers
+        self.finish_kw = finish_kw
+        self.step = 0
+        self._batches = None
+
+    def __iter__(self):
+        return self
+
+    def _start(self):
+        workers = self.num_workers
+        # Forking a process in which a DALI pipeline has run hung the workers (a lock held by a DALI
+        # thread at fork time): then start them from a clean fork server (needs a __main__ guard).
+        context = "forkserver" if workers and "nvidia.dali.backend" in sys.modules else None
+        self._batches = iter(DataLoader(
+            self.dataset, batch_size=None, sampler=itertools.count(self.step), num_workers=workers,
+            pin_memory=self.device.type == "cuda", prefetch_factor=2 if workers else None,
+            persistent_workers=False, multiprocessing_context=context))
+
+    def __next__(self) -> dict:
+        if self._batches is None:
+            self._start()
+        raw = next(self._batches)
+        self.step += 1
+        return finish_batch(self.dataset.form, raw, self.device, **self.finish_kw)
+
+    def state_dict(self) -> dict:
+        d = self.dataset
+        return {"backend": self.backend, "form": d.form, "step": self.step, "seed": d.seed,
+                "rank": d.rank, "world_size": d.world_size, "batch_size": d.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        for key in ("form", "seed", "world_size", "batch_size"):
+            if state.get(key) != mine[key]:
+                raise ValueError(f"loader state was saved with {key}={state.get(key)!r}, this loader has {mine[key]!r}")
+        self.close()
+        self.step = int(state["step"])
+
+    def close(self) -> None:
+        self._batches = None  # drops the DataLoader iterator, which stops its workers
