@@ -9,7 +9,7 @@ export DS_ACCELERATOR ?= $(if $(HAS_GPU),cuda,cpu)
 export TRITON_INTERPRET ?= $(if $(HAS_GPU),0,1)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup build test demo bench clean
+.PHONY: setup build test demo bench gpu-check clean
 
 $(VENV)/.deps: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,7 +33,10 @@ demo: build
 	$(PY) -m wsshm.demo
 
 bench: build
-	$(PY) bench/run_all.py
+	set -e; for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b --quick; done
+
+gpu-check:
+	bash bench/gpu_check.sh
 
 clean:
 	rm -rf build *.egg-info wsshm/_C*.so runs/demo
