@@ -1,0 +1,165 @@
+"""Training engine, in one process: configuration checks, non-finite steps, safe checkpoint loading.
+
+The 2-process DeepSpeed runs (each stage, EMA under ZeRO-1/3, resume after SIGTERM) are in
+``test_train_ds.py``.
+"""
+import io
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from wsshm import losses
+from wsshm.train import main
+from wsshm.train.checkpoint import SafeCheckpointEngine
+from wsshm.train.monitor import image_grid
+from wsshm.train.options import ConfigError, build_parser, load_ds_config
+from wsshm.train.stages import student_loss, teacher_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "launch" / "configs" / "zero1.json")
+ARCH = "unet_r18_w0.25"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from wsshm.shards.demo import generate
+    out = tmp_path_factory.mktemp("demo")
+    return {k: Path(v) for k, v in generate(out, size=64, mattes=4, backgrounds=4, seg=8, eval_natural=2,
+                                            eval_synthetic=2).items()}
+
+
+@pytest.fixture
+def single_process(monkeypatch):
+    """The environment the ``deepspeed`` launcher would give rank 0 of a one-process run."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(key, value)
+
+
+def pretrain_args(data, out, *extra):
+    return ["--out", str(out), "--seg", str(data["seg"]), "--arch", ARCH, "--crop-sizes", "32",
+            "--batch-size", "2", "--num-workers", "0", "--save-every", "0", "--log-every", "1", *extra]
+
+
+def test_ds_config_takes_batch_lr_schedule_and_precision_from_the_command_line():
+    args = build_parser("teacher", CONFIG).parse_args(
+        ["--out", "x", "--matte", "m", "--background", "b", "--batch-size", "16", "--steps", "300",
+         "--zero-stage", "3"])
+    config = load_ds_config(args, world_size=4, use_bf16=True)
+    assert config["train_batch_size"] == 16 and config["train_micro_batch_size_per_gpu"] == 4
+    assert config["optimizer"]["type"] == "Adam" and config["optimizer"]["params"]["lr"] == 5e-5  # paper
+    assert config["scheduler"]["params"]["total_num_steps"] == 300
+    assert config["scheduler"]["params"]["warmup_num_steps"] == 30
+    assert config["zero_optimization"]["stage"] == 3 and config["bf16"] == {"enabled": True}
+    assert args.steps == 300 and build_parser("student", CONFIG).get_default("steps") == 20_000
+    with pytest.raises(ConfigError, match="--batch-size 16 does not divide by the world size 3"):
+        load_ds_config(args, world_size=3, use_bf16=False)
+
+
+def test_losses_on_cpu_are_the_reference_of_the_sigmoid():
+    torch.manual_seed(0)
+    zp, zq = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8)
+    M, S = torch.rand(2, 1, 8, 8), (torch.rand(2, 1, 8, 8) > 0.5).float()
+    got = teacher_loss(zp, zq, M, lam=0.01, from_logits=True)
+    assert torch.equal(got, losses.teacher_loss(zp.sigmoid(), zq.sigmoid(), M, lam=0.01))
+    Mt, At = torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 8)
+    got = student_loss(zp, Mt, At, S, threshold=0.5, from_logits=True)
+    assert torch.equal(got, losses.student_loss(zp.sigmoid(), Mt, At, S, threshold=0.5))
+
+
+def test_image_grid_puts_samples_in_rows_and_maps_in_columns():
+    a, b = torch.zeros(6, 3, 4, 5), torch.ones(6, 3, 4, 5)
+    grid = image_grid([a, b], rows=4)
+    assert grid.shape == (3, 16, 10)
+    assert grid[:, :, :5].max() == 0 and grid[:, :, 5:].min() == 1
+
+
+def test_checkpoint_loading_refuses_arbitrary_pickles(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save({"module": {"w": torch.ones(2)}, "step": 3, "loader": [{"epoch": 1}]}, good)
+    assert SafeCheckpointEngine().load(str(good))["step"] == 3
+    evil = tmp_path / "evil.pt"
+    torch.save({"payload": io.StringIO("not plain data")}, evil)
+    with pytest.raises(ValueError, match="evil.pt"):
+        SafeCheckpointEngine().load(str(evil))
+
+
+def run_main(stage, argv, capsys):
+    code = main(stage, argv, default_config=CONFIG)
+    return code, capsys.readouterr().err
+
+
+def test_configuration_mistakes_fail_fast_with_one_line(data, tmp_path, single_process, capsys):
+    from wsshm.models import build_model, save_weights
+    torch.manual_seed(0)
+    save_weights(build_model(ARCH), tmp_path / "r18.safetensors")
+    save_weights(build_model("unet_r18_w0.5"), tmp_path / "other.safetensors")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    student = ["--out", str(tmp_path / "s"), "--seg", str(data["seg"]), "--arch", ARCH, "--crop-sizes", "32",
+               "--batch-size", "2", "--num-workers", "0"]
+    cases = [
+        ("student", student + ["--teacher", str(tmp_path / "missing.safetensors")], "missing.safetensors: no such file"),
+        ("student", student + ["--teacher", str(tmp_path / "other.safetensors"), "--ema", "on"],
+         "--ema on needs the same architecture"),
+        ("student", student + ["--teacher", str(tmp_path / "r18.safetensors"), "--init",
+                               str(tmp_path / "other.safetensors")], "holds a 'unet_r18_w0.5' network"),
+        ("pretrain", pretrain_args({"seg": empty}, tmp_path / "p"), f"--seg {empty}"),
+        ("pretrain", pretrain_args(data, tmp_path / "p", "--resume"), "--resume: no checkpoint"),
+        ("pretrain", pretrain_args(data, tmp_path / "p", "--crop-sizes", "40"), "multiple of 32"),
+    ]
+    for stage, argv, expected in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(stage, argv, default_config=CONFIG)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2, (argv, err)
+        assert len(err) == 1 and expected in err[0] and err[0].startswith(f"wsshm {stage}: error:"), err
+    (tmp_path / "notjson").write_text("{")
+    with pytest.raises(SystemExit):
+        main("pretrain", pretrain_args(data, tmp_path / "p", "--deepspeed_config", str(tmp_path / "notjson")))
+    assert "cannot read DeepSpeed config" in capsys.readouterr().err
+    assert not (tmp_path / "s" / "checkpoints").exists()
+
+
+def test_one_non_finite_step_is_skipped_and_a_run_of_them_stops(data, tmp_path, single_process, monkeypatch,
+                                                                 capsys):
+    real, calls = losses.pretrain_loss, []
+
+    def nan_on_second_call(P, S):
+        calls.append(1)
+        loss = real(P, S)
+        return loss * math.nan if len(calls) == 2 else loss
+
+    monkeypatch.setattr(losses, "pretrain_loss", nan_on_second_call)
+    with pytest.warns(UserWarning, match="non-finite loss at step 1: step skipped"):
+        code, _ = run_main("pretrain", pretrain_args(data, tmp_path / "once", "--steps", "3"), capsys)
+    assert code == 0 and len(calls) == 4  # 3 steps + 1 skipped
+    assert (tmp_path / "once" / "pretrain.safetensors").is_file()
+
+    monkeypatch.setattr(losses, "pretrain_loss", lambda P, S: real(P, S) * math.nan)
+    with pytest.warns(UserWarning):
+        code, err = run_main("pretrain", pretrain_args(data, tmp_path / "always", "--steps", "5",
+                                                       "--max-bad-steps", "3"), capsys)
+    assert code == 3
+    assert "3 non-finite losses in a row at step 0; stopping" in err
+    assert not (tmp_path / "always" / "pretrain.safetensors").exists()
+
+
+def test_student_of_another_architecture_trains_without_ema(data, tmp_path, single_process, capsys):
+    from wsshm.models import build_model, load_weights, save_weights
+    torch.manual_seed(0)
+    save_weights(build_model("unet_r18_w0.5"), tmp_path / "teacher.safetensors")
+    code, err = run_main("student", ["--out", str(tmp_path / "s"), "--seg", str(data["seg"]), "--arch", ARCH,
+                                     "--teacher", str(tmp_path / "teacher.safetensors"), "--crop-sizes", "32",
+                                     "--batch-size", "2", "--num-workers", "0", "--steps", "2"], capsys)
+    assert code == 0, err
+    assert load_weights(tmp_path / "s" / "student.safetensors").arch == ARCH
+    assert not (tmp_path / "s" / "teacher-ema.safetensors").exists()
+    info = (tmp_path / "s" / "run.json").read_text()
+    assert '"ema": false' in info and '"teacher_arch": "unet_r18_w0.5"' in info

@@ -1,0 +1,222 @@
+"""``wsshm-eval``: the SPEC's test-time protocol and metrics table for one weights file.
+
+    wsshm-eval --weights runs/demo/student/student.safetensors --data data/demo/eval-natural
+
+``--data`` is an ``eval`` shard folder (SPEC section 5) or a plain folder with ``images/`` and
+``alphas/`` (or ``masks/``) whose files pair by name. Writes ``metrics.md``, ``metrics.json``,
+``metrics.csv`` (one row per image, then the mean) and ``worst.png`` (the worst predictions by MSE:
+image, ground truth, prediction, absolute error) to ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import heapq
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from wsshm.metrics import METRIC_KEYS, MetricMeter, evaluate_pair
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+LABEL_FOLDERS = ("alphas", "masks")
+COLUMNS = {"mse": "MSE", "sad": "SAD", "mse_boundary": "MSE (boundary)", "sad_boundary": "SAD (boundary)",
+           "mad": "MAD", "grad": "Grad", "conn": "Conn"}
+SHEET_HEIGHT = 160
+
+
+class EvalDataError(ValueError):
+    """An evaluation set we cannot read; the message names the folder or file."""
+
+
+@dataclass
+class EvalSample:
+    key: str
+    image: np.ndarray  # uint8 H x W x 3 RGB
+    alpha: np.ndarray  # float32 H x W in [0, 1]
+
+
+def _decode(data: bytes, where: str, grey: bool) -> np.ndarray:
+    array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE if grey else cv2.IMREAD_COLOR)
+    if array is None:
+        raise EvalDataError(f"{where}: not a readable image")
+    return array if grey else cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
+
+
+def _sample(key: str, image: np.ndarray, alpha_u8: np.ndarray, where: str) -> EvalSample:
+    if image.shape[:2] != alpha_u8.shape:
+        raise EvalDataError(f"{where}: image {image.shape[:2]} and alpha {alpha_u8.shape} differ in size")
+    return EvalSample(key, image, alpha_u8.astype(np.float32) / 255.0)
+
+
+def _shard_keys_and_reader(folder: Path):
+    import webdataset as wds
+
+    from wsshm.shards import read_manifest, shard_paths
+    try:
+        manifest = read_manifest(folder)
+        paths = shard_paths(folder)
+    except Exception as error:  # noqa: BLE001 - one clear line
+        raise EvalDataError(f"{folder}: {error}") from None
+    if manifest.get("kind") != "eval":
+        raise EvalDataError(f"{folder}: a '{manifest.get('kind')}' shard folder, not an 'eval' one")
+    for record in wds.WebDataset(paths, shardshuffle=False, empty_check=False):
+        key = record["__key__"]
+        image_member = "jpg" if "jpg" in record else "png"
+        if image_member not in record or "alpha.png" not in record:
+            raise EvalDataError(f"{record.get('__url__', folder)}: sample {key} lacks an image or alpha.png")
+        where = f"{record.get('__url__', folder)}:{key}"
+        yield key, lambda r=record, w=where: _sample(r["__key__"], _decode(r[image_member], w, False),
+                                                      _decode(r["alpha.png"], w, True), w)
+
+
+def _folder_keys_and_reader(folder: Path):
+    labels = next((folder / name for name in LABEL_FOLDERS if (folder / name).is_dir()), None)
+    if not (folder / "images").is_dir() or labels is None:
+        raise EvalDataError(f"{folder}: expected an eval shard folder (manifest.json) or images/ with "
+                            f"{' or '.join(n + '/' for n in LABEL_FOLDERS)}")
+    for path in sorted(p for p in (folder / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        label = next((labels / (path.stem + s) for s in (".png", ".jpg") if (labels / (path.stem + s)).is_file()), None)
+        if label is None:
+            raise EvalDataError(f"{path}: no label {labels / (path.stem + '.png')}")
+        yield path.stem, lambda p=path, q=label: _sample(p.stem, _decode(p.read_bytes(), str(p), False),
+                                                         _decode(q.read_bytes(), str(q), True), str(p))
+
+
+def load_eval_set(data, limit: int | None = None, seed: int = 0) -> list[EvalSample]:
+    """All samples of ``data`` (or a deterministic subset of ``limit``), in a stable order."""
+    folder = Path(data)
+    if not folder.is_dir():
+        raise EvalDataError(f"{folder}: no such folder")
+    readers = dict(_shard_keys_and_reader(folder) if (folder / "manifest.json").is_file()
+                   else _folder_keys_and_reader(folder))
+    keys = sorted(readers)
+    if limit is not None:
+        from wsshm.shards import select_subset
+        keys = sorted(select_subset(keys, limit, seed))
+    if not keys:
+        raise EvalDataError(f"{folder}: the evaluation set is empty")
+    return [readers[key]() for key in keys]
+
+
+def evaluate_model(model: torch.nn.Module, samples: list[EvalSample], short_side: int = 512, device=None,
+                   batch_size: int = 8, worst: int = 8, progress: bool = True) -> dict:
+    """Predict every sample with the test-time protocol and score it; returns the summary dict with
+    ``mean``, ``skipped_boundary``, ``images`` (per image metrics) and ``worst`` (arrays for the sheet)."""
+    from wsshm.inference import predict_mattes
+    meter, rows, heap = MetricMeter(), [], []
+    with tqdm(total=len(samples), desc="evaluate", disable=not progress, dynamic_ncols=True) as bar:
+        for start in range(0, len(samples), batch_size):
+            chunk = samples[start:start + batch_size]
+            preds = predict_mattes(model, [s.image for s in chunk], short_side=short_side, device=device,
+                                   batch_size=batch_size)
+            for sample, pred in zip(chunk, preds):
+                scores = evaluate_pair(pred, sample.alpha)
+                meter.update(scores)
+                rows.append({"key": sample.key, **scores})
+                item = (scores["mse"], len(rows), sample, pred)
+                heapq.heappush(heap, item) if len(heap) < worst else heapq.heappushpop(heap, item)
+            bar.update(len(chunk))
+    worst_items = sorted(heap, key=lambda t: -t[0])
+    return {"count": len(samples), "mean": meter.compute(), "skipped_boundary": meter.skipped_boundary,
+            "images": rows, "worst": [(s, p, mse) for mse, _, s, p in worst_items]}
+
+
+def _fmt(value: float) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+def markdown_table(results: dict[str, dict]) -> str:
+    """One row per named result: the SPEC's metrics (MSE x1e3, SAD /1e3, ...)."""
+    head = "| model | images | " + " | ".join(COLUMNS.values()) + " |"
+    lines = [head, "|" + " --- |" * (len(COLUMNS) + 2)]
+    for name, result in results.items():
+        cells = " | ".join(_fmt(result["mean"].get(key)) for key in COLUMNS)
+        lines.append(f"| {name} | {result['count']} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def _tile(array: np.ndarray) -> np.ndarray:
+    if array.ndim == 2:
+        array = np.repeat((np.clip(array, 0, 1) * 255).astype(np.uint8)[..., None], 3, axis=2)
+    width = max(1, round(array.shape[1] * SHEET_HEIGHT / array.shape[0]))
+    return cv2.resize(array, (width, SHEET_HEIGHT), interpolation=cv2.INTER_AREA)
+
+
+def worst_sheet(worst: list, path: Path) -> None:
+    """Rows of image | ground truth | prediction | |error|, worst first, with key and MSE written on."""
+    rows = []
+    for sample, pred, mse in worst:
+        tiles = [_tile(sample.image), _tile(sample.alpha), _tile(pred), _tile(np.abs(pred - sample.alpha))]
+        row = np.concatenate(tiles, axis=1)
+        cv2.putText(row, f"{sample.key}  MSE {mse:.2f}", (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 64, 64), 1)
+        rows.append(row)
+    width = max(r.shape[1] for r in rows)
+    sheet = np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows], axis=0)
+    cv2.imwrite(str(path), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
+
+
+def write_outputs(result: dict, out: Path, name: str, meta: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.md").write_text(markdown_table({name: result}) +
+                                    f"\n{result['skipped_boundary']} image(s) without a boundary region "
+                                    "left out of the boundary MSE.\n")
+    summary = {**meta, "count": result["count"], "mean": result["mean"],
+               "skipped_boundary": result["skipped_boundary"], "images": result["images"]}
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2, allow_nan=True))
+    with open(out / "metrics.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["key", *METRIC_KEYS])
+        writer.writeheader()
+        writer.writerows(result["images"])
+        writer.writerow({"key": "mean", **result["mean"]})
+    if result["worst"]:
+        worst_sheet(result["worst"], out / "worst.png")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wsshm-eval", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--weights", required=True, help="a .safetensors file from training")
+    parser.add_argument("--data", required=True, help="an eval shard folder, or a folder with images/ + alphas/")
+    parser.add_argument("--out", default=None, help="output folder (default: <weights>-eval/<data name>)")
+    parser.add_argument("--name", default=None, help="row name in the table (default: the weights' file name)")
+    parser.add_argument("--short-side", type=int, default=512, help="test-time shorter side (SPEC: 512)")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate a deterministic subset of N images")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the --limit subset")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--worst", type=int, default=8, help="rows in worst.png")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from wsshm.models import load_weights
+    weights = Path(args.weights)
+    try:
+        model = load_weights(str(weights), map_location="cpu")
+        samples = load_eval_set(args.data, limit=args.limit, seed=args.seed)
+    except (ValueError, OSError) as error:
+        print(f"wsshm-eval: error: {error}", file=sys.stderr)
+        return 2
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = model.to(device).eval()
+    result = evaluate_model(model, samples, short_side=args.short_side, device=device,
+                            batch_size=args.batch_size, worst=args.worst)
+    out = Path(args.out) if args.out else weights.with_name(weights.stem + "-eval") / Path(args.data).name
+    name = args.name or weights.stem
+    write_outputs(result, out, name, {"weights": str(weights), "data": str(args.data),
+                                      "arch": getattr(model, "arch", None), "short_side": args.short_side})
+    print(markdown_table({name: result}), end="")
+    print(f"wrote {out}/metrics.md, metrics.json, metrics.csv, worst.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

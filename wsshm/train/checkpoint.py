@@ -1,0 +1,76 @@
+"""DeepSpeed checkpoints that load without unpickling arbitrary objects.
+
+DeepSpeed writes its checkpoints with ``torch.save`` and reads them with ``weights_only=False``, which
+runs whatever a checkpoint file's pickle asks for. ``SafeCheckpointEngine`` reads them with
+``weights_only=True`` instead, allowing only the few plain classes DeepSpeed itself stores. Our
+``client_state`` holds only tensors, numbers, strings, lists and dicts, so it passes too.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+
+def _deepspeed_safe_globals() -> list:
+    """Plain-data classes that appear inside DeepSpeed's own checkpoint dicts."""
+    allowed: list = [OrderedDict, torch.Size]
+    try:
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        allowed.append(ZeroStageEnum)
+    except ImportError:  # pragma: no cover - older DeepSpeed
+        pass
+    try:
+        from deepspeed.utils.tensor_fragment import fragment_address
+        allowed.append(fragment_address)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
+        allowed += [LossScaler, DynamicLossScaler]
+    except ImportError:  # pragma: no cover
+        pass
+    return allowed
+
+
+class SafeCheckpointEngine(TorchCheckpointEngine):
+    """``TorchCheckpointEngine`` whose ``load`` refuses anything but tensors and plain data."""
+
+    def load(self, path: str, map_location=None):
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True)
+            except Exception as error:  # noqa: BLE001 - re-raised with the file's name
+                raise ValueError(f"cannot load checkpoint file {path}: {error}") from error
+
+
+def latest_tag(checkpoint_dir: Path) -> str | None:
+    """The tag DeepSpeed recorded in ``checkpoint_dir/latest``, if that tag's folder exists."""
+    latest = Path(checkpoint_dir) / "latest"
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    return tag if (Path(checkpoint_dir) / tag).is_dir() else None
+
+
+def prune_checkpoints(checkpoint_dir: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` step checkpoints (tags sort by step)."""
+    tags = sorted(p for p in Path(checkpoint_dir).glob("step*") if p.is_dir())
+    for old in tags[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_run_info(out: Path) -> dict | None:
+    path = Path(out) / "run.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_run_info(out: Path, info: dict) -> None:
+    path = Path(out) / "run.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(info, indent=2, sort_keys=True))
+    tmp.replace(path)

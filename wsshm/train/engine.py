@@ -1,0 +1,285 @@
+"""The one training loop every stage runs under DeepSpeed.
+
+Order of a run: distributed init -> configuration checks on rank 0 (one line and exit 2 on a
+mistake) -> networks, loader and ``deepspeed.initialize`` -> optional resume -> steps -> final
+checkpoint and safetensors export. Each step all-reduces one small tensor so that every rank agrees
+on the loss, on skipping a non-finite step and on stopping after SIGTERM.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from deepspeed.accelerator import get_accelerator
+
+from wsshm.train.checkpoint import (SafeCheckpointEngine, latest_tag, prune_checkpoints, read_run_info,
+                                    write_run_info)
+from wsshm.train.monitor import Monitor
+from wsshm.train.options import STAGE_DEFAULTS, ConfigError, build_parser, load_ds_config
+from wsshm.train.stages import STAGES, Stage, TrainingView
+
+EXIT_CONFIG = 2
+EXIT_NON_FINITE = 3
+EXIT_TERMINATED = 143
+KEEP_CHECKPOINTS = 2
+
+
+def _ensure_distributed_env() -> None:
+    """Lets ``python launch/x.py`` run as a single process without the ``deepspeed`` launcher."""
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def _broadcast(value, rank: int):
+    box = [value if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _all_gather(value) -> list:
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+class Trainer:
+    def __init__(self, stage: Stage, args):
+        self.stage, self.args = stage, args
+        self.out = Path(args.out)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.on_gpu = get_accelerator().device_name() == "cuda" and torch.cuda.is_available()
+        self.device = torch.device(get_accelerator().device_name(self.local_rank) if self.on_gpu else "cpu")
+        self.use_bf16 = args.precision == "bf16" or (args.precision == "auto" and self.on_gpu)
+        self.dtype = torch.bfloat16 if self.use_bf16 else torch.float32
+        self.stop_requested = False
+        self.bad_in_a_row = 0
+
+    # ------------------------------------------------------------------ checks
+    def check(self) -> dict:
+        """Every configuration mistake we can see before training, as a ``ConfigError``."""
+        config = load_ds_config(self.args, self.world, self.use_bf16)
+        self.stage.check()
+        if self.args.resume:
+            if latest_tag(self.ckpt_dir) is None:
+                raise ConfigError(f"--resume: no checkpoint in {self.ckpt_dir}")
+            info = read_run_info(self.out) or {}
+            if info.get("stage") not in (None, self.stage.name):
+                raise ConfigError(f"--resume: {self.out} holds a '{info['stage']}' run, not '{self.stage.name}'")
+            arch = getattr(self.stage.network(), "arch", None)
+            if info.get("arch") not in (None, arch):
+                raise ConfigError(f"--resume: {self.out} holds a checkpoint of a '{info['arch']}' network, "
+                                  f"not of the '{arch}' this command builds")
+        if self.args.save_every < 0 or self.args.log_every <= 0 or self.args.image_every < 0:
+            raise ConfigError("--save-every/--image-every must be >= 0 and --log-every > 0")
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ConfigError(f"--out {self.out}: {error}") from None
+        return config
+
+    def checked_config(self) -> dict:
+        message = None
+        if self.rank == 0:
+            try:
+                self.check()
+            except ConfigError as error:
+                message = str(error)
+        message = _broadcast(message, self.rank)
+        if message:
+            if self.rank == 0:
+                print(f"wsshm {self.stage.name}: error: {message}", file=sys.stderr, flush=True)
+            deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's cached groups
+            sys.exit(EXIT_CONFIG)
+        return load_ds_config(self.args, self.world, self.use_bf16)
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, ds_config: dict) -> None:
+        from wsshm.data import build_loader
+        torch.manual_seed(self.args.seed)
+        net = self.stage.network()
+        self.stage.prepare(self.device, self.dtype, net)
+        view = TrainingView(net)
+        self.engine, _, _, _ = deepspeed.initialize(model=view, model_parameters=view.parameters(),
+                                                    config=ds_config)
+        self.engine.checkpoint_engine = SafeCheckpointEngine(self.engine._config)
+        self.loader = build_loader(self.stage.form, **self.stage.loader_kwargs(),
+                                   batch_size=ds_config["train_micro_batch_size_per_gpu"],
+                                   crop_sizes=tuple(self.args.crop_sizes), rank=self.rank,
+                                   world_size=self.world, device=str(self.device), backend=self.args.backend,
+                                   seed=self.args.seed, num_workers=self.args.num_workers)
+        if self.args.resume:
+            self.resume()
+        elif self.rank == 0:
+            write_run_info(self.out, {**self.stage.run_info(net), "world_size": self.world,
+                                      "batch_size": self.args.batch_size, "steps": self.args.steps})
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.stop_requested = True
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> None:
+        step = self.engine.global_steps
+        client_state = {
+            "wsshm": {"stage": self.stage.name, "step": step},
+            "loader": _all_gather(self.loader.state_dict()),
+            "rng": _all_gather(torch.get_rng_state()),
+            **self.stage.extra_state(),
+        }
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=f"step{step:08d}", client_state=client_state)
+        dist.barrier()
+        if self.rank == 0:
+            prune_checkpoints(self.ckpt_dir, KEEP_CHECKPOINTS)
+
+    def resume(self) -> None:
+        path, client_state = self.engine.load_checkpoint(str(self.ckpt_dir), tag=latest_tag(self.ckpt_dir))
+        if path is None or "wsshm" not in client_state:
+            raise ConfigError(f"--resume: {self.ckpt_dir} holds no wsshm checkpoint")
+        if len(client_state["loader"]) != self.world:
+            raise ConfigError(f"--resume: the checkpoint was written by {len(client_state['loader'])} ranks, "
+                              f"this run has {self.world}")
+        self.loader.load_state_dict(client_state["loader"][self.rank])
+        torch.set_rng_state(client_state["rng"][self.rank])
+        self.stage.load_extra_state(client_state)
+
+    def export(self) -> None:
+        from wsshm.models import save_weights
+        net = self.engine.module.net
+        params = list(net.parameters())
+        gather = (deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+                  if self.engine.zero_optimization_stage() == 3 else contextlib.nullcontext())
+        with gather:
+            if self.rank == 0:
+                meta = {"stage": self.stage.name, "steps": str(self.engine.global_steps)}
+                save_weights(net, self.out / STAGE_DEFAULTS[self.stage.name].weights_name, metadata=meta)
+                for name, extra in self.stage.exports().items():
+                    save_weights(extra, self.out / name, metadata=meta)
+        dist.barrier()
+
+    # ------------------------------------------------------------------ loop
+    def average_buffers(self) -> None:
+        """Average BatchNorm's running statistics over the ranks after each step.
+
+        DeepSpeed, unlike DDP, leaves buffers per rank and checkpoints only rank 0's, so without this
+        a resumed rank 1 would continue from rank 0's statistics (and an EMA teacher would differ
+        between ranks). The running mean and variance are linear in the batch statistics, so their
+        mean over ranks is the running statistic of all ranks' batches."""
+        if self.world == 1:
+            return
+        buffers = [b for b in self.engine.module.buffers() if b.is_floating_point()]
+        if not buffers:
+            return
+        flat = _flatten_dense_tensors([b.float() for b in buffers])
+        dist.all_reduce(flat)
+        flat /= self.world
+        for buffer, mean in zip(buffers, _unflatten_dense_tensors(flat, buffers)):
+            buffer.copy_(mean)
+
+    def agree_stop(self) -> bool:
+        """All ranks: did any rank get SIGTERM? Asked before the next batch is fetched, because a
+        signal sent to the whole process group may also have ended the loader's workers."""
+        flag = torch.tensor([float(self.stop_requested)], device=self.device)
+        dist.all_reduce(flag)
+        return flag.item() > 0
+
+    def agree_loss(self, loss: torch.Tensor) -> tuple[float, bool]:
+        """All ranks: (mean loss, whether any rank's loss is non-finite)."""
+        local = loss.detach().float().reshape(())
+        flags = torch.stack([torch.nan_to_num(local, nan=0.0, posinf=0.0, neginf=0.0),
+                             (~torch.isfinite(local)).float()])
+        dist.all_reduce(flags)
+        total, bad = flags.tolist()
+        return total / self.world, bad > 0
+
+    def train(self) -> int:
+        monitor = Monitor(self.out / "tb", self.out / "loss.csv", enabled=self.rank == 0,
+                          total=self.args.steps, initial=self.engine.global_steps, desc=self.stage.name)
+        last_saved = self.engine.global_steps if self.args.resume else -1
+        tick = time.perf_counter()
+        try:
+            while self.engine.global_steps < self.args.steps:
+                if self.agree_stop():
+                    step = self.engine.global_steps
+                    if step != last_saved:
+                        self.save()
+                    if self.rank == 0:
+                        print(f"wsshm {self.stage.name}: SIGTERM: saved step {step} in {self.ckpt_dir}; "
+                              f"continue with --resume", file=sys.stderr, flush=True)
+                    return EXIT_TERMINATED
+                self.engine.train()
+                batch = next(self.loader)
+                lr = self.engine.get_lr()[0]
+                out = self.stage.step(self.engine, batch, self.dtype)
+                loss, bad = self.agree_loss(out.loss)
+                if bad:
+                    self.bad_in_a_row += 1
+                    if self.rank == 0:
+                        warnings.warn(f"non-finite loss at step {self.engine.global_steps}: step skipped "
+                                      f"({self.bad_in_a_row} in a row, limit {self.args.max_bad_steps})")
+                    del out
+                    if self.bad_in_a_row >= self.args.max_bad_steps:
+                        if self.rank == 0:
+                            print(f"wsshm {self.stage.name}: error: {self.bad_in_a_row} non-finite losses in a "
+                                  f"row at step {self.engine.global_steps}; stopping (lower --lr, check the "
+                                  f"data, or resume from {self.ckpt_dir})", file=sys.stderr, flush=True)
+                        return EXIT_NON_FINITE
+                    continue
+                self.bad_in_a_row = 0
+                self.engine.backward(out.loss)
+                self.engine.step()
+                self.average_buffers()
+                self.stage.after_step(self.engine)
+                step = self.engine.global_steps
+                now = time.perf_counter()
+                images_per_s = self.args.batch_size / max(now - tick, 1e-9)
+                tick = now
+                log_now = step % self.args.log_every == 0
+                terms = self.stage.terms(out.view) if log_now and self.rank == 0 else {}
+                monitor.step(step, loss, terms, lr, images_per_s, log=log_now)
+                if self.args.image_every and step % self.args.image_every == 0 and self.rank == 0:
+                    monitor.images(step, self.stage.pictures(out.view))
+                if self.args.save_every and step % self.args.save_every == 0:
+                    self.save()
+                    last_saved = step
+            if self.engine.global_steps != last_saved:
+                self.save()
+            self.export()
+        finally:
+            monitor.close()
+        return 0
+
+
+def main(stage_name: str, argv: list[str] | None = None, default_config: str | None = None) -> int:
+    args = build_parser(stage_name, default_config).parse_args(argv)
+    _ensure_distributed_env()
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
+    trainer = Trainer(STAGES[stage_name](args), args)
+    try:
+        ds_config = trainer.checked_config()
+        try:
+            trainer.setup(ds_config)
+        except ConfigError as error:  # found only once the checkpoint is open (all ranks see it)
+            if trainer.rank == 0:
+                print(f"wsshm {stage_name}: error: {error}", file=sys.stderr, flush=True)
+            return EXIT_CONFIG
+        return trainer.train()
+    finally:
+        if dist.is_initialized():
+            deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's cached groups

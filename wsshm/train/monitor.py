@@ -1,0 +1,63 @@
+"""What a run shows while it trains (rank 0 only): a tqdm bar, TensorBoard scalars and image grids,
+and ``loss.csv`` (step, loss, lr) that the demo report plots."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+GRID_ROWS = 4
+
+
+def image_grid(columns: list[Tensor], rows: int = GRID_ROWS) -> Tensor:
+    """``[3, rows*H, len(columns)*W]`` in [0, 1]: one sample per row, one map per column."""
+    n = min(rows, columns[0].shape[0])
+    return torch.cat([torch.cat([c[i].float().cpu() for c in columns], dim=2) for i in range(n)], dim=1)
+
+
+class Monitor:
+    def __init__(self, tb_dir: Path, csv_path: Path, enabled: bool, total: int, initial: int, desc: str):
+        self.enabled = enabled
+        self.bar = self.writer = self.csv = None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(str(tb_dir))
+        new_file = not csv_path.exists()
+        self.csv_file = open(csv_path, "a", newline="")
+        self.csv = csv.writer(self.csv_file)
+        if new_file:
+            self.csv.writerow(["step", "loss", "lr"])
+        self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, mininterval=1.0)
+        self.smoothed = None
+
+    def step(self, step: int, loss: float, terms: dict, lr: float, images_per_s: float, log: bool) -> None:
+        if not self.enabled:
+            return
+        self.smoothed = loss if self.smoothed is None else 0.9 * self.smoothed + 0.1 * loss
+        self.bar.set_postfix({"loss": f"{self.smoothed:.4f}", **{k: f"{v:.4f}" for k, v in terms.items()},
+                              "lr": f"{lr:.2e}", "img/s": f"{images_per_s:.1f}"}, refresh=False)
+        self.bar.update(step - self.bar.n)
+        if log:
+            self.writer.add_scalar("loss/total", loss, step)
+            for name, value in terms.items():
+                self.writer.add_scalar(f"loss/{name}", value, step)
+            self.writer.add_scalar("lr", lr, step)
+            self.writer.add_scalar("images_per_s", images_per_s, step)
+            self.csv.writerow([step, f"{loss:.6g}", f"{lr:.6g}"])
+            self.csv_file.flush()
+
+    def images(self, step: int, columns: list[Tensor]) -> None:
+        if self.enabled and columns:
+            self.writer.add_image("samples", image_grid(columns), step)
+
+    def close(self) -> None:
+        if not self.enabled or self.bar is None:
+            return
+        self.bar.close()
+        self.writer.close()
+        self.csv_file.close()
+        self.bar = None

@@ -1,0 +1,334 @@
+"""The three stages of the paper's recipe, as plug-ins of the one engine in ``engine.py``.
+
+A stage says which network is trained, which loader feeds it, how a batch becomes a loss, what to
+log, and what extra state (the EMA teacher) a checkpoint must carry. The loss math itself lives in
+``wsshm.losses`` (reference, used on CPU) and ``wsshm.kernels`` (fused, used on GPU).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from wsshm import losses
+from wsshm.image import denormalize
+from wsshm.train.options import DEFAULT_ARCH, ConfigError
+
+
+# ----------------------------------------------------------------------------- losses on any device
+def _probabilities(x: Tensor, from_logits: bool) -> Tensor:
+    return x.float().sigmoid() if from_logits else x.float()
+
+
+def teacher_loss(P: Tensor, Q: Tensor, M: Tensor, lam: float, from_logits: bool) -> Tensor:
+    """Eq. 2: fused Triton kernel on GPU, the ``wsshm.losses`` reference on CPU."""
+    if P.is_cuda:
+        from wsshm.kernels import fused_teacher_loss
+        return fused_teacher_loss(P, Q, M, lam=lam, from_logits=from_logits)
+    return losses.teacher_loss(_probabilities(P, from_logits), _probabilities(Q, from_logits), M, lam=lam)
+
+
+def student_loss(P: Tensor, Mt: Tensor, At: Tensor, S: Tensor, threshold: float | None,
+                 from_logits: bool) -> Tensor:
+    """Matte Label Blending loss: fused on GPU, reference on CPU."""
+    if P.is_cuda and threshold is not None:
+        from wsshm.kernels import fused_student_loss
+        return fused_student_loss(P, Mt, At, S, threshold=threshold, from_logits=from_logits)
+    return losses.student_loss(_probabilities(P, from_logits), Mt, At, S, threshold=threshold)
+
+
+# ----------------------------------------------------------------------------- networks
+class TrainingView(nn.Module):
+    """What DeepSpeed wraps: ``forward`` returns ``(matte, boundary or None)`` as logits when the
+    network has ``forward_logits`` (``self.from_logits``), else as the network's probabilities.
+    The wrapped network stays reachable as ``.net`` for export and EMA."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+        self.from_logits = hasattr(net, "forward_logits")
+
+    def forward(self, x: Tensor):
+        out = self.net.forward_logits(x) if self.from_logits else self.net(x)
+        if isinstance(out, Tensor):
+            return out, None
+        return out[0], (out[1] if len(out) > 1 else None)
+
+
+def load_weights_checked(path: str, what: str) -> nn.Module:
+    """``wsshm.models.load_weights`` with its error turned into a one-line ``ConfigError``."""
+    from wsshm.models import load_weights
+    if not Path(path).is_file():
+        raise ConfigError(f"{what} {path}: no such file")
+    try:
+        return load_weights(path, map_location="cpu")
+    except (ValueError, OSError, KeyError, RuntimeError) as error:
+        raise ConfigError(f"{what} {path}: {error}".replace("\n", " ")) from None
+
+
+def build_network(args) -> nn.Module:
+    """``--init`` weights (checked against ``--arch``), else a fresh ``--arch`` network."""
+    from wsshm.models import build_model, canonical_arch
+    try:
+        arch = canonical_arch(args.arch or DEFAULT_ARCH)
+    except ValueError as error:
+        raise ConfigError(f"--arch {args.arch}: {error}") from None
+    if args.init:
+        net = load_weights_checked(args.init, "--init")
+        if args.arch and getattr(net, "arch", None) != arch:
+            raise ConfigError(f"--init {args.init} holds a '{getattr(net, 'arch', '?')}' network, "
+                              f"not the --arch '{arch}' asked for")
+        return net
+    return build_model(arch)
+
+
+def check_shard_folder(folder: str, option: str, num_samples: int | None = None) -> int:
+    """Fail fast on a missing, broken or empty shard folder; returns its sample count."""
+    from wsshm.shards import read_manifest, shard_paths
+    try:
+        count = int(read_manifest(folder).get("count", 0))
+        paths = shard_paths(folder)
+    except Exception as error:  # noqa: BLE001 - any reason becomes one line for the user
+        raise ConfigError(f"{option} {folder}: {error}".replace("\n", " ")) from None
+    if count <= 0 or not paths:
+        raise ConfigError(f"{option} {folder}: the folder holds no samples")
+    if num_samples is not None and not 0 < num_samples <= count:
+        raise ConfigError(f"{option} {folder} holds {count} samples; cannot select {num_samples}")
+    return count
+
+
+# ----------------------------------------------------------------------------- stages
+@dataclass
+class StepOutput:
+    loss: Tensor
+    view: dict[str, Tensor] = field(default_factory=dict)  # detached maps for terms and pictures
+
+
+class Stage:
+    name = ""
+    form = ""
+
+    def __init__(self, args):
+        self.args = args
+
+    def check(self) -> None:
+        """Rank 0, before anything is built: raise ``ConfigError`` on a mistake."""
+        for value in self.args.crop_sizes:
+            if value <= 0 or value % 32:
+                raise ConfigError(f"--crop-sizes {value}: each crop side must be a positive multiple of 32")
+        if self.args.steps <= 0:
+            raise ConfigError(f"--steps {self.args.steps}: must be positive")
+        build_network(self.args)
+
+    def network(self) -> nn.Module:
+        return build_network(self.args)
+
+    def loader_kwargs(self) -> dict:
+        raise NotImplementedError
+
+    def prepare(self, device: torch.device, dtype: torch.dtype, trained: nn.Module) -> None:
+        """Build what the stage needs beside the trained network (the frozen teacher)."""
+
+    def step(self, engine, batch: dict, dtype: torch.dtype) -> StepOutput:
+        raise NotImplementedError
+
+    def after_step(self, engine) -> None:
+        """Runs after each optimizer step (EMA)."""
+
+    def terms(self, view: dict[str, Tensor]) -> dict[str, float]:
+        return {}
+
+    def pictures(self, view: dict[str, Tensor]) -> list[Tensor]:
+        return []
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def exports(self) -> dict[str, nn.Module]:
+        """Extra weight files to write at the end (name -> network)."""
+        return {}
+
+    def run_info(self, trained: nn.Module) -> dict:
+        return {"stage": self.name, "arch": getattr(trained, "arch", type(trained).__name__)}
+
+
+def _rgb(x: Tensor) -> Tensor:
+    return denormalize(x.float())
+
+
+def _grey(x: Tensor) -> Tensor:
+    return x.float().clamp(0, 1).expand(-1, 3, -1, -1)
+
+
+class PretrainStage(Stage):
+    """Stage 0: segmentation pre-training with ``pretrain_loss`` (MSE against the mask)."""
+    name, form = "pretrain", "pretrain"
+
+    def check(self) -> None:
+        check_shard_folder(self.args.seg, "--seg", self.args.num_seg)
+        if self.args.encoder_weights and not Path(self.args.encoder_weights).is_file():
+            raise ConfigError(f"--encoder-weights {self.args.encoder_weights}: no such file")
+        super().check()
+
+    def network(self) -> nn.Module:
+        net = build_network(self.args)
+        if self.args.encoder_weights:
+            from wsshm.models import load_torchvision_encoder
+            load_torchvision_encoder(net, _read_state_dict(self.args.encoder_weights))
+        return net
+
+    def loader_kwargs(self) -> dict:
+        return {"seg": self.args.seg, "num_samples": self.args.num_seg}
+
+    def step(self, engine, batch, dtype):
+        matte, _ = engine(batch["image"].to(dtype))
+        P = _probabilities(matte, engine.module.from_logits)
+        return StepOutput(losses.pretrain_loss(P, batch["mask"]),
+                          {"image": batch["image"], "mask": batch["mask"], "pred": P.detach()})
+
+    def terms(self, view):
+        return {"mse": float(losses.mse_loss(view["pred"], view["mask"]))}
+
+    def pictures(self, view):
+        return [_rgb(view["image"]), _grey(view["mask"]), _grey(view["pred"])]
+
+
+class TeacherStage(Stage):
+    """Stage 1: the teacher on synthetic composites with ``teacher_loss`` (eq. 2)."""
+    name, form = "teacher", "teacher"
+
+    def check(self) -> None:
+        check_shard_folder(self.args.matte, "--matte", self.args.num_matte)
+        check_shard_folder(self.args.background, "--background")
+        super().check()
+
+    def loader_kwargs(self) -> dict:
+        return {"matte": self.args.matte, "background": self.args.background,
+                "num_samples": self.args.num_matte}
+
+    def step(self, engine, batch, dtype):
+        matte, boundary = engine(batch["image"].to(dtype))
+        if boundary is None:
+            raise ValueError("the teacher must return (matte, boundary)")
+        from_logits = engine.module.from_logits
+        loss = teacher_loss(matte, boundary, batch["alpha"], self.args.lam, from_logits)
+        return StepOutput(loss, {"image": batch["image"], "alpha": batch["alpha"],
+                                 "pred": _probabilities(matte.detach(), from_logits),
+                                 "boundary": _probabilities(boundary.detach(), from_logits)})
+
+    def terms(self, view):
+        return {"mse": float(losses.mse_loss(view["pred"], view["alpha"])),
+                "grad": float(losses.grad_loss(view["pred"], view["alpha"])),
+                "boundary_l1": float((losses.boundary_mask(view["alpha"]) - view["boundary"]).abs().mean())}
+
+    def pictures(self, view):
+        return [_rgb(view["image"]), _grey(view["alpha"]), _grey(view["pred"]),
+                _grey(losses.boundary_mask(view["alpha"])), _grey(view["boundary"])]
+
+
+class StudentStage(Stage):
+    """Stage 2: frozen teacher on the weak view, MLB label, student on the strong view, EMA."""
+    name, form = "student", "student"
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.teacher: nn.Module | None = None
+        self.ema = None
+        self.zero3 = False
+
+    @property
+    def threshold(self) -> float | None:
+        return None if self.args.mlb_threshold < 0 else self.args.mlb_threshold
+
+    def check(self) -> None:
+        check_shard_folder(self.args.seg, "--seg", self.args.num_seg)
+        teacher = load_weights_checked(self.args.teacher, "--teacher")
+        student = build_network(self.args)
+        super().check()
+        same = getattr(teacher, "arch", None) is not None and teacher.arch == getattr(student, "arch", None)
+        if self.args.ema == "on" and not same:
+            raise ConfigError(f"--ema on needs the same architecture, but the teacher is "
+                              f"'{getattr(teacher, 'arch', '?')}' and the student '{getattr(student, 'arch', '?')}'")
+
+    def loader_kwargs(self) -> dict:
+        return {"seg": self.args.seg, "num_samples": self.args.num_seg}
+
+    def prepare(self, device, dtype, trained):
+        from wsshm.models import load_weights
+        teacher = load_weights(self.args.teacher, map_location="cpu").to(device)
+        teacher.eval().requires_grad_(False)
+        same = getattr(teacher, "arch", None) == getattr(trained, "arch", None)
+        if self.args.ema == "on" or (self.args.ema == "auto" and same):
+            from wsshm.ema import ModelEMA
+            self.ema = ModelEMA(teacher, momentum=self.args.ema_momentum)  # fp32 master before any cast
+        self.teacher = teacher.to(dtype)
+
+    def step(self, engine, batch, dtype):
+        with torch.no_grad():
+            Mt, At = self.teacher(batch["weak"].to(dtype))
+        matte, _ = engine(batch["strong"].to(dtype))
+        from_logits = engine.module.from_logits
+        loss = student_loss(matte, Mt, At, batch["mask"], self.threshold, from_logits)
+        return StepOutput(loss, {"image": batch["strong"], "weak": batch["weak"], "mask": batch["mask"],
+                                 "teacher": Mt.float(), "boundary": At.float(),
+                                 "pred": _probabilities(matte.detach(), from_logits)})
+
+    def after_step(self, engine):
+        if self.ema is None:
+            return
+        student = engine.module.net
+        if engine.zero_optimization_stage() == 3:
+            import deepspeed
+            with deepspeed.zero.GatheredParameters(list(student.parameters()), modifier_rank=None):
+                self.ema.update(student)
+        else:
+            self.ema.update(student)
+
+    def _label(self, view):
+        return losses.mlb_blend(view["teacher"], view["boundary"], view["mask"], self.threshold)
+
+    def terms(self, view):
+        label = self._label(view)
+        return {"mse": float(losses.mse_loss(view["pred"], label)),
+                "grad": float(losses.grad_loss(view["pred"], label)),
+                "teacher_vs_mask": float(losses.mse_loss(view["teacher"], view["mask"]))}
+
+    def pictures(self, view):
+        return [_rgb(view["weak"]), _grey(view["teacher"]), _grey(view["boundary"]),
+                _grey(self._label(view)), _grey(view["pred"])]
+
+    def extra_state(self):
+        if self.ema is None:
+            return {}
+        return {"ema": self.ema.state_dict()}
+
+    def load_extra_state(self, state):
+        if self.ema is None:
+            return
+        if "ema" not in state:
+            raise ConfigError("the checkpoint has no EMA state, but this run updates the teacher by EMA")
+        self.ema.load_state_dict(state["ema"])  # also writes the averaged weights into the teacher
+
+    def exports(self):
+        return {"teacher-ema.safetensors": self.teacher} if self.ema is not None else {}
+
+    def run_info(self, trained):
+        info = super().run_info(trained)
+        info.update(teacher=self.args.teacher, teacher_arch=getattr(self.teacher, "arch", None),
+                    ema=self.ema is not None)
+        return info
+
+
+def _read_state_dict(path: str) -> dict:
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+STAGES = {"pretrain": PretrainStage, "teacher": TeacherStage, "student": StudentStage}
