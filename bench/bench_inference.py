@@ -27,13 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from wsshm.export import export_onnx  # noqa: E402
-from wsshm.image import normalize_uint8  # noqa: E402
-from wsshm.inference import predict_mattes, test_time_size  # noqa: E402
+from wsshm.export import calibration_inputs, export_onnx, quantize_int8  # noqa: E402
+from wsshm.inference import predict_mattes  # noqa: E402
 from wsshm.metrics import evaluate_pair  # noqa: E402
 from wsshm.models import build_model, load_weights  # noqa: E402
 
@@ -70,27 +68,6 @@ class OrtModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.session.run(None, {"image": x.contiguous().numpy()})[0])
-
-
-def quantize_int8(fp32_path: str, int8_path: str, calibration: list[np.ndarray]) -> None:
-    """Static QDQ int8 (per-channel weights, uint8 activations), calibrated on real photos."""
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quant_pre_process,
-                                          quantize_static)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.items = iter([{"image": x} for x in calibration])
-
-        def get_next(self):
-            return next(self.items, None)
-
-    prepared = int8_path + ".pre.onnx"
-    quant_pre_process(fp32_path, prepared, skip_symbolic_shape=True)
-    try:
-        quantize_static(prepared, int8_path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    finally:
-        os.remove(prepared)
 
 
 class Autocast(nn.Module):
@@ -208,20 +185,6 @@ def interleaved_throughput(backends: dict[str, nn.Module], x: torch.Tensor, repe
     return ({n: median(r) for n, r in runs.items()}, {n: median(r) for n, r in cpu_runs.items()}, first)
 
 
-def load_photos(folder: Path, limit: int) -> list[np.ndarray]:
-    from PIL import Image
-
-    files = sorted(p for p in folder.glob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})[:limit]
-    return [np.array(Image.open(p).convert("RGB")) for p in files]
-
-
-def calibration_input(photo: np.ndarray) -> np.ndarray:
-    """A photo as the network sees it under the test-time protocol."""
-    x = normalize_uint8(torch.from_numpy(photo))
-    return F.interpolate(x, size=test_time_size(*photo.shape[:2]), mode="bilinear", align_corners=False,
-                         antialias=True).numpy()
-
-
 def accuracy_cost(backend: nn.Module, reference: list[np.ndarray], photos: list[np.ndarray]) -> dict[str, float]:
     """Mean SPEC metrics of the backend's mattes against the fp32 mattes (as ground truth)."""
     mattes = predict_mattes(backend, photos, device="cpu")
@@ -274,7 +237,11 @@ def main(argv=None) -> int:
     if Path(args.eval_data).is_dir():
         from wsshm.evaluate import load_eval_set
         photos = [sample.image for sample in load_eval_set(args.eval_data, limit=args.accuracy_images)]
-    calibration = [calibration_input(p) for p in load_photos(Path(args.calibration), 4)]
+    try:
+        calibration = calibration_inputs(args.calibration, limit=4)
+    except ValueError as error:
+        print(f"no int8 calibration: {error}", file=sys.stderr)
+        calibration = []
     trained = load_weights(args.weights).eval() if args.weights else None
     rows, models, loads = [], {}, []
     with tempfile.TemporaryDirectory() as workdir:

@@ -169,3 +169,32 @@ def test_export_cli_reports_bad_weights(tmp_path, capsys):
     assert export_main(["--weights", str(bad), "--onnx", str(tmp_path / "x.onnx")]) == 2
     assert str(bad) in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_export_cli_int8_is_quantised_and_close(weights, tmp_path, capsys):
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, size=(60 + 10 * i, 90, 3), dtype=np.uint8)).save(calibration / f"{i}.png")
+    out = tmp_path / "out"
+    path = out / "student-int8.onnx"
+    assert export_main(["--weights", str(weights), "--onnx", str(path), "--int8",
+                        "--calibration", str(calibration)]) == 0
+    printed = capsys.readouterr().out
+    mean = float(printed.split("mean |difference| ")[1].split()[0])
+    assert 0 < mean <= 2e-2  # quantisation shows, within the stated tolerance
+    model = onnx.load(str(path))
+    ops = {node.op_type for node in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert any(init.data_type == onnx.TensorProto.INT8 for init in model.graph.initializer)
+    assert sorted(p.name for p in out.iterdir()) == ["student-int8.onnx"]  # no temporary files left
+
+
+def test_export_cli_int8_needs_calibration(weights, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        export_main(["--weights", str(weights), "--onnx", str(tmp_path / "x.onnx"), "--int8"])
+    assert exit_info.value.code == 2
+    assert export_main(["--weights", str(weights), "--onnx", str(tmp_path / "x.onnx"), "--int8",
+                        "--calibration", str(tmp_path / "nowhere")]) == 2
+    assert "calibration folder not found" in capsys.readouterr().err

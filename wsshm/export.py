@@ -4,6 +4,9 @@ The graph takes ``image``: float32 ``[batch, 3, height, width]``, RGB normalised
 mean/std (as in ``wsshm.image``), height and width multiples of 32, all three dynamic; it returns
 ``matte`` float32 ``[batch, 1, height, width]`` in [0, 1] (and ``boundary`` with ``--with-boundary``).
 ``--fp16`` stores fp16 weights and computes in fp16 (for GPUs) behind the same fp32 inputs/outputs.
+``--int8 --calibration DIR`` quantises the graph statically for CPUs (onnxruntime QDQ: int8 per-channel
+weights, uint8 activations calibrated on a few of your photos), the fastest CPU path we measured
+(docs/inference.md); its accuracy cost must be checked on your evaluation set.
 
 We use the dynamo-based exporter (``torch.onnx.export(..., dynamo=True)``, the default since torch
 2.9): the TorchScript exporter is deprecated in torch 2.13 and warns so; the dynamo one expresses
@@ -27,6 +30,8 @@ from wsshm.image import IMAGENET_MEAN, IMAGENET_STD
 # Max |onnxruntime - PyTorch| on the matte, both in [0, 1], for a random image.
 TOLERANCE_FP32 = 1e-4
 TOLERANCE_FP16 = 2e-2
+# int8 moves single pixels a lot more (0.39 at worst on the demo student); check the mean instead.
+TOLERANCE_INT8_MEAN = 2e-2
 MULTIPLE = 32
 
 
@@ -83,12 +88,60 @@ def export_onnx(model: nn.Module, path: str, with_boundary: bool = False, fp16: 
             os.remove(tmp)
 
 
+def calibration_inputs(folder: str, limit: int = 8) -> list[np.ndarray]:
+    """Up to ``limit`` photos of ``folder``, as the network sees them under the test-time protocol."""
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from wsshm.image import normalize_uint8
+    from wsshm.inference import test_time_size
+
+    if not os.path.isdir(folder):
+        raise ValueError(f"{folder}: calibration folder not found")
+    files = sorted(f for f in os.listdir(folder) if f.lower().endswith((".jpg", ".jpeg", ".png")))[:limit]
+    inputs = []
+    for name in files:
+        try:
+            photo = np.array(Image.open(os.path.join(folder, name)).convert("RGB"))
+        except OSError as error:
+            raise ValueError(f"{os.path.join(folder, name)}: unreadable calibration image ({error})") from None
+        x = normalize_uint8(torch.from_numpy(photo))
+        inputs.append(F.interpolate(x, size=test_time_size(*photo.shape[:2]), mode="bilinear",
+                                    align_corners=False, antialias=True).numpy())
+    if not inputs:
+        raise ValueError(f"{folder}: no .jpg/.png calibration photos")
+    return inputs
+
+
+def quantize_int8(fp32_path: str, int8_path: str, calibration: list[np.ndarray]) -> None:
+    """Static QDQ int8 (per-channel int8 weights, uint8 activations) calibrated on ``calibration``."""
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quant_pre_process,
+                                          quantize_static)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{"image": x} for x in calibration])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    directory = os.path.dirname(os.path.abspath(int8_path))
+    with tempfile.TemporaryDirectory(dir=directory) as work:
+        prepared = os.path.join(work, "prepared.onnx")
+        quantized = os.path.join(work, "int8.onnx")
+        quant_pre_process(fp32_path, prepared, skip_symbolic_shape=True)
+        quantize_static(prepared, quantized, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        os.replace(quantized, int8_path)
+
+
 def verify_onnx(model: nn.Module, path: str, with_boundary: bool = False, fp16: bool = False,
-                shapes=((2, 3, 192, 288), (1, 3, 320, 224)), seed: int = 0) -> float:
+                shapes=((2, 3, 192, 288), (1, 3, 320, 224)), seed: int = 0, int8: bool = False) -> float:
     """Largest |onnxruntime - PyTorch fp32| over the outputs for random images of ``shapes``.
 
     The fp32 reference is the model as given; for ``--fp16`` onnxruntime runs the fp16 graph, so
-    the difference includes fp16 rounding. Raises ``AssertionError`` beyond the tolerance.
+    the difference includes fp16 rounding. Raises ``AssertionError`` beyond the tolerance. With
+    ``int8`` the mean |difference| is checked (and returned) instead of the largest.
     """
     import onnxruntime as ort
 
@@ -98,7 +151,7 @@ def verify_onnx(model: nn.Module, path: str, with_boundary: bool = False, fp16: 
     session = ort.InferenceSession(path, providers=providers)
     reference = ExportWrapper(model, with_boundary=with_boundary).eval()
     rng = np.random.default_rng(seed)
-    worst = 0.0
+    worst, total, count = 0.0, 0.0, 0
     for shape in shapes:
         images = torch.from_numpy(rng.integers(0, 256, size=(shape[0], shape[2], shape[3], 3), dtype=np.uint8))
         x = normalize_uint8(images)
@@ -109,7 +162,15 @@ def verify_onnx(model: nn.Module, path: str, with_boundary: bool = False, fp16: 
         for name, g, e in zip(("matte", "boundary"), got, expected):
             if g.shape != tuple(e.shape):
                 raise AssertionError(f"{path}: {name} has shape {g.shape}, PyTorch gives {tuple(e.shape)}")
-            worst = max(worst, float(np.abs(g - e.numpy()).max()))
+            difference = np.abs(g - e.numpy())
+            worst = max(worst, float(difference.max()))
+            total, count = total + float(difference.sum()), count + difference.size
+    if int8:
+        mean = total / count
+        if mean > TOLERANCE_INT8_MEAN:
+            raise AssertionError(f"{path}: int8 onnxruntime differs from PyTorch by {mean:.3g} on average "
+                                 f"> {TOLERANCE_INT8_MEAN:g}")
+        return mean
     tolerance = TOLERANCE_FP16 if fp16 else TOLERANCE_FP32
     if worst > tolerance:
         raise AssertionError(f"{path}: onnxruntime differs from PyTorch by {worst:.3g} > {tolerance:g}")
@@ -122,29 +183,46 @@ def main(argv=None) -> int:
     parser.add_argument("--onnx", required=True, help="output .onnx file")
     parser.add_argument("--with-boundary", action="store_true", help="also output the boundary map")
     parser.add_argument("--fp16", action="store_true", help="fp16 weights and compute (for GPUs)")
+    parser.add_argument("--int8", action="store_true", help="static int8 quantisation for CPUs (needs --calibration)")
+    parser.add_argument("--calibration", help="folder of a few photos (not your evaluation set) to calibrate --int8")
     parser.add_argument("--opset", type=int, default=18)
     parser.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
     args = parser.parse_args(argv)
+    if args.int8 and (args.fp16 or not args.calibration):
+        parser.error("--int8 needs --calibration DIR and excludes --fp16")
 
     from wsshm.models import load_weights
 
     try:
         model = load_weights(args.weights, map_location="cpu").eval()
+        calibration = calibration_inputs(args.calibration) if args.int8 else None
     except ValueError as error:
         print(f"wsshm-export: {error}", file=sys.stderr)
         return 2
-    export_onnx(model, args.onnx, with_boundary=args.with_boundary, fp16=args.fp16, opset=args.opset)
-    print(f"wrote {args.onnx} ({os.path.getsize(args.onnx) / 2**20:.1f} MiB, {getattr(model, 'arch', '?')}, "
-          f"{'fp16' if args.fp16 else 'fp32'})")
+    if args.int8:
+        directory = os.path.dirname(os.path.abspath(args.onnx))
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=directory) as work:
+            fp32_path = os.path.join(work, "fp32.onnx")
+            export_onnx(model, fp32_path, with_boundary=args.with_boundary, opset=args.opset)
+            quantize_int8(fp32_path, args.onnx, calibration)
+    else:
+        export_onnx(model, args.onnx, with_boundary=args.with_boundary, fp16=args.fp16, opset=args.opset)
+    precision = "int8" if args.int8 else "fp16" if args.fp16 else "fp32"
+    print(f"wrote {args.onnx} ({os.path.getsize(args.onnx) / 2**20:.1f} MiB, {getattr(model, 'arch', '?')}, {precision})")
     if args.no_verify:
         return 0
     try:
-        worst = verify_onnx(model, args.onnx, with_boundary=args.with_boundary, fp16=args.fp16)
+        worst = verify_onnx(model, args.onnx, with_boundary=args.with_boundary, fp16=args.fp16, int8=args.int8)
     except AssertionError as error:
         print(f"wsshm-export: check failed: {error}", file=sys.stderr)
         return 1
-    tolerance = TOLERANCE_FP16 if args.fp16 else TOLERANCE_FP32
-    print(f"onnxruntime matches PyTorch: max |difference| {worst:.2e} <= {tolerance:g}")
+    if args.int8:
+        print(f"onnxruntime int8 vs PyTorch fp32: mean |difference| {worst:.2e} <= {TOLERANCE_INT8_MEAN:g} "
+              "(check the accuracy on your evaluation set)")
+    else:
+        tolerance = TOLERANCE_FP16 if args.fp16 else TOLERANCE_FP32
+        print(f"onnxruntime matches PyTorch: max |difference| {worst:.2e} <= {tolerance:g}")
     return 0
 
 
