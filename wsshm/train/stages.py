@@ -6,6 +6,7 @@ log, and what extra state (the EMA teacher) a checkpoint must carry. The loss ma
 """
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,7 +107,7 @@ class StepOutput:
     view: dict[str, Tensor] = field(default_factory=dict)  # detached maps for terms and pictures
 
 
-class Stage:
+class Stage(abc.ABC):
     name = ""
     form = ""
 
@@ -125,14 +126,16 @@ class Stage:
     def network(self) -> nn.Module:
         return build_network(self.args)
 
+    @abc.abstractmethod
     def loader_kwargs(self) -> dict:
-        raise NotImplementedError
+        """Which shard folders and options ``build_loader`` gets for this stage."""
 
     def prepare(self, device: torch.device, dtype: torch.dtype, trained: nn.Module) -> None:
         """Build what the stage needs beside the trained network (the frozen teacher)."""
 
+    @abc.abstractmethod
     def step(self, engine, batch: dict, dtype: torch.dtype) -> StepOutput:
-        raise NotImplementedError
+        """Forward and loss of one batch."""
 
     def after_step(self, engine) -> None:
         """Runs after each optimizer step (EMA)."""
