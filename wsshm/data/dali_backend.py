@@ -7,6 +7,7 @@ both loaders draw the same parameters; DALI's checkpoint carries the readers' po
 from __future__ import annotations
 
 import base64
+import ctypes
 import os
 import shutil
 import tempfile
@@ -84,9 +85,13 @@ def _build_pipeline(form, data_files, bg_files, source, *, batch_size, num_threa
         side = dmath.floor(dmath.min(shape[0], shape[1]) / scale)
         image = fn.decoders.image_crop(encoded, device=decoder, output_type=types.GRAY if grey else types.RGB,
                                        crop_w=side, crop_h=side, crop_pos_x=x, crop_pos_y=y)
-        image = fn.resize(image, resize_x=size, resize_y=size,
-                          interp_type=types.INTERP_NN if nearest else types.INTERP_LINEAR, antialias=not nearest)
-        return fn.flip(image, horizontal=flip)
+        # The flip is a mirrored region of interest of the resize (x from 1 to 0): on the CPU a
+        # separate fn.flip pass cost as much as a tenth of the whole pipeline.
+        mirrored = fn.cast(flip, dtype=types.FLOAT)
+        zero = mirrored * 0.0
+        return fn.resize(image, resize_x=size, resize_y=size, roi_relative=True,
+                         roi_start=fn.stack(zero, mirrored), roi_end=fn.stack(zero + 1.0, 1.0 - mirrored),
+                         interp_type=types.INTERP_NN if nearest else types.INTERP_LINEAR, antialias=not nearest)
 
     @pipeline_def(enable_checkpointing=True)
     def pipeline():
@@ -115,7 +120,11 @@ def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:
         out = torch.empty(dense.shape(), dtype=torch.uint8, device=device)
         feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device))
         return out
-    return torch.from_numpy(np.array(tensor_list.as_tensor()))
+    # one copy, straight from DALI's buffers into the tensor the fused op reads
+    shapes = tensor_list.shape()
+    out = torch.empty((len(shapes), *shapes[0]), dtype=torch.uint8)
+    tensor_list.copy_to_external(ctypes.c_void_p(out.data_ptr()))
+    return out
 
 
 class DaliLoader:
