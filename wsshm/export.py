@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from wsshm.atomic import atomic_path
 from wsshm.image import IMAGENET_MEAN, IMAGENET_STD
 
 # Max |onnxruntime - PyTorch| on the matte, both in [0, 1], for a random image.
@@ -63,11 +64,7 @@ def export_onnx(model: nn.Module, path: str, with_boundary: bool = False, fp16: 
     height = torch.export.Dim("height_div32", min=1, max=512)
     width = torch.export.Dim("width_div32", min=1, max=512)
     outputs = ["matte", "boundary"] if with_boundary else ["matte"]
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".onnx.tmp", dir=directory)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.export's FutureWarnings about pytree internals
             program = torch.onnx.export(
@@ -81,11 +78,7 @@ def export_onnx(model: nn.Module, path: str, with_boundary: bool = False, fp16: 
             "std": ",".join(map(str, IMAGENET_STD)),
             "precision": "fp16" if fp16 else "fp32",
         })
-        program.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        program.save(str(tmp))
 
 
 def calibration_inputs(folder: str, limit: int = 8) -> list[np.ndarray]:

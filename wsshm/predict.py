@@ -11,10 +11,8 @@ processed. Every file is written to a temporary name and renamed, so no half-wri
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +20,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from wsshm.atomic import atomic_path
 from wsshm.inference import predict_mattes
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -69,15 +68,8 @@ def read_rgb(path: Path) -> np.ndarray:
 
 
 def write_png_atomic(array: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png.tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         Image.fromarray(array).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def write_outputs(image: np.ndarray, matte: np.ndarray, name: str, out: Path,

@@ -3,8 +3,6 @@ torchvision ResNet state dicts into the encoder."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -12,6 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from wsshm.atomic import atomic_path
 from .registry import build_model
 from .resnet import ResNetEncoder
 
@@ -27,16 +26,8 @@ def save_weights(model: nn.Module, path, metadata: dict | None = None) -> None:
     tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in model.state_dict().items()}
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     meta.update(arch=arch, arch_kwargs=json.dumps(getattr(model, "arch_kwargs", {}) or {}))
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".safetensors.tmp", dir=directory)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
 
 
 def read_weights(path) -> tuple[dict[str, Tensor], dict[str, str]]:

@@ -10,6 +10,8 @@ import os
 import re
 from pathlib import Path
 
+from wsshm.atomic import atomic_path
+
 TOOL_VERSION = "wsshm-shard 0.1.0"
 MANIFEST = "manifest.json"
 ERRORS = "errors.jsonl"
@@ -99,10 +101,8 @@ def select_subset(keys, n, seed=0) -> list:
 
 def write_json_atomic(path: Path, obj) -> None:
     """Write JSON so that a reader (or a killed writer) never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)

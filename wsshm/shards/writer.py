@@ -20,6 +20,7 @@ import webdataset as wds
 from tqdm import tqdm
 from wds2idx import IndexCreator
 
+from wsshm.atomic import atomic_path
 from .manifest import ERRORS, MANIFEST, TOOL_VERSION, index_name, select_subset, write_json_atomic
 from .samples import Scan, build_sample
 
@@ -40,10 +41,8 @@ def sha256_file(path) -> str:
 
 def write_index(tar_path, idx_path) -> None:
     """DALI's own index for ``fn.readers.webdataset``, written atomically."""
-    tmp = Path(idx_path).with_name(f".{Path(idx_path).name}.partial")
-    with IndexCreator(str(tar_path), str(tmp), verbose=False) as creator:
+    with atomic_path(idx_path) as tmp, IndexCreator(str(tar_path), str(tmp), verbose=False) as creator:
         creator.create_index()
-    os.replace(tmp, idx_path)
 
 
 _KIND = None
@@ -75,11 +74,9 @@ def _progress(total, desc, enabled):
 
 
 def _write_errors(out: Path, errors) -> None:
-    tmp = out / f".{ERRORS}.tmp"
-    with open(tmp, "w") as f:
+    with atomic_path(out / ERRORS) as tmp, open(tmp, "w") as f:
         for record in errors:
             f.write(json.dumps(record) + "\n")
-    os.replace(tmp, out / ERRORS)
 
 
 def _clear_outputs(out: Path) -> None:
