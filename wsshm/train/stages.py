@@ -33,8 +33,8 @@ def teacher_loss(P: Tensor, Q: Tensor, M: Tensor, lam: float, from_logits: bool)
 
 def student_loss(P: Tensor, Mt: Tensor, At: Tensor, S: Tensor, threshold: float | None,
                  from_logits: bool) -> Tensor:
-    """Matte Label Blending loss: fused on GPU, reference on CPU."""
-    if P.is_cuda and threshold is not None:
+    """Matte Label Blending loss (hard or soft): fused on GPU, reference on CPU."""
+    if P.is_cuda:
         from wsshm.kernels import fused_student_loss
         return fused_student_loss(P, Mt, At, S, threshold=threshold, from_logits=from_logits)
     return losses.student_loss(_probabilities(P, from_logits), Mt, At, S, threshold=threshold)
