@@ -57,6 +57,9 @@ def test_ds_config_takes_batch_lr_schedule_and_precision_from_the_command_line()
     assert config["scheduler"]["params"]["total_num_steps"] == 300
     assert config["scheduler"]["params"]["warmup_num_steps"] == 30
     assert config["zero_optimization"]["stage"] == 3 and config["bf16"] == {"enabled": True}
+    # CUDA's BatchNorm needs its statistics in the weights' dtype (DeepSpeed casts only parameters)
+    assert config["data_types"]["buffer_dtype"] == "bf16"
+    assert "data_types" not in load_ds_config(args, world_size=4, use_bf16=False)
     assert args.steps == 300 and build_parser("student", CONFIG).get_default("steps") == 20_000
     with pytest.raises(ConfigError, match="--batch-size 16 does not divide by the world size 3"):
         load_ds_config(args, world_size=3, use_bf16=False)

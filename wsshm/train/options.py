@@ -125,6 +125,11 @@ def load_ds_config(args, world_size: int, use_bf16: bool) -> dict:
     if args.zero_stage is not None:
         config.setdefault("zero_optimization", {})["stage"] = args.zero_stage
     config["bf16"] = {"enabled": bool(use_bf16)}
+    if use_bf16:
+        # DeepSpeed casts only the parameters to bf16 and leaves buffers fp32; CUDA's BatchNorm then
+        # refuses bf16 weights with fp32 running statistics (seen on an H200). bf16 buffers are what
+        # module.bfloat16() gives, and what the student stage's frozen teacher already runs with.
+        config.setdefault("data_types", {}).setdefault("buffer_dtype", "bf16")
     config.pop("fp16", None)
     config.setdefault("steps_per_print", 10**9)  # our own progress bar reports
     return config
