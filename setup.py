@@ -14,7 +14,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def _extension():
     sources = sorted(glob.glob("csrc/*.cpp"))
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    # -fno-trapping-math lets GCC turn csrc/augment.cpp's selects into vector blends (nothing here
+    # uses FP traps); a flag rather than `#pragma GCC optimize`, which GCC says is for debugging only.
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-trapping-math"]
     with_cuda = (
         os.environ.get("WSSHM_NO_CUDA", "0") != "1"
         and cpp_extension.CUDA_HOME is not None

@@ -13,9 +13,8 @@
 #include "cuda/launchers.h"
 #endif
 
-// After the torch headers: lets GCC turn the math's selects into vector blends (no FP traps are used).
-#pragma GCC optimize("no-trapping-math")
 #include "augment_math.h"
+#include "describe.h"
 
 namespace {
 
@@ -24,9 +23,9 @@ using wsshm_aug::Jitter;
 void check_inputs(const at::Tensor& image, const c10::optional<at::Tensor>& alpha,
                   const c10::optional<at::Tensor>& background, const c10::optional<at::Tensor>& jitter,
                   bool plain) {
+  using wsshm_msg::describe;
   TORCH_CHECK(image.scalar_type() == at::kByte && image.dim() == 4 && image.size(3) == 3,
-              "fused_prepare: image must be uint8 [B, H, W, 3], got ", image.scalar_type(), " ",
-              image.sizes());
+              "fused_prepare: image must be uint8 [B, H, W, 3], got ", describe(image));
   const auto B = image.size(0), H = image.size(1), W = image.size(2);
   TORCH_CHECK(alpha.has_value() == background.has_value(),
               "fused_prepare: alpha and background go together (compositing needs both)");
@@ -34,10 +33,10 @@ void check_inputs(const at::Tensor& image, const c10::optional<at::Tensor>& alph
     TORCH_CHECK(alpha->scalar_type() == at::kByte && alpha->numel() == B * H * W &&
                     alpha->size(0) == B && alpha->size(1) == H && alpha->size(2) == W,
                 "fused_prepare: alpha must be uint8 [B, H, W] (or [B, H, W, 1]) matching image ",
-                image.sizes(), ", got ", alpha->scalar_type(), " ", alpha->sizes());
+                describe(image), ", got ", describe(*alpha));
     TORCH_CHECK(background->scalar_type() == at::kByte && background->sizes() == image.sizes(),
-                "fused_prepare: background must be uint8 with the image's shape ", image.sizes(),
-                ", got ", background->scalar_type(), " ", background->sizes());
+                "fused_prepare: background must be uint8 with the image's shape ", describe(image),
+                ", got ", describe(*background));
     TORCH_CHECK(alpha->device() == image.device() && background->device() == image.device(),
                 "fused_prepare: all inputs must be on one device");
   }
@@ -45,7 +44,7 @@ void check_inputs(const at::Tensor& image, const c10::optional<at::Tensor>& alph
     TORCH_CHECK(jitter->scalar_type() == at::kFloat && jitter->dim() == 2 && jitter->size(0) == B &&
                     jitter->size(1) == 4,
                 "fused_prepare: jitter must be float32 [B, 4] (brightness, contrast, saturation, hue), got ",
-                jitter->scalar_type(), " ", jitter->sizes());
+                describe(*jitter));
     TORCH_CHECK(jitter->device() == image.device(), "fused_prepare: jitter must be on the image's device");
   }
   TORCH_CHECK(plain || jitter.has_value(), "fused_prepare: nothing to compute (plain=False and no jitter)");

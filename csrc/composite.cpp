@@ -4,6 +4,8 @@
 
 #include <algorithm>
 
+#include "describe.h"
+
 #ifdef WSSHM_WITH_CUDA
 #include <c10/cuda/CUDAStream.h>
 #include "cuda/launchers.h"
@@ -12,15 +14,16 @@
 namespace {
 
 void check_inputs(const at::Tensor& fg, const at::Tensor& alpha, const at::Tensor& bg) {
+  using wsshm_msg::describe;
   TORCH_CHECK(fg.scalar_type() == at::kByte && alpha.scalar_type() == at::kByte &&
                   bg.scalar_type() == at::kByte,
-              "composite_u8: fg, alpha and bg must be uint8, got ", fg.scalar_type(), ", ",
-              alpha.scalar_type(), ", ", bg.scalar_type());
+              "composite_u8: fg, alpha and bg must be uint8, got ", describe(fg), ", ", describe(alpha),
+              ", ", describe(bg));
   TORCH_CHECK(fg.dim() == 3 && bg.sizes() == fg.sizes(),
-              "composite_u8: fg and bg must both be HxWxC with the same shape, got ", fg.sizes(),
-              " and ", bg.sizes());
+              "composite_u8: fg and bg must both be HxWxC with the same shape, got ", describe(fg),
+              " and ", describe(bg));
   TORCH_CHECK(alpha.dim() == 2 && alpha.size(0) == fg.size(0) && alpha.size(1) == fg.size(1),
-              "composite_u8: alpha must be HxW matching fg, got ", alpha.sizes(), " for fg ", fg.sizes());
+              "composite_u8: alpha must be HxW matching fg, got ", describe(alpha), " for fg ", describe(fg));
   TORCH_CHECK(fg.device() == alpha.device() && fg.device() == bg.device(),
               "composite_u8: all inputs must be on one device");
 }
