@@ -173,7 +173,7 @@ def test_non_contiguous_inputs():
     P = base.to(DEVICE).transpose(2, 3).detach().requires_grad_()  # [2, 1, 24, 40], column-major
     Q_every_other = _leaf(torch.rand((4, 1, 24, 40), generator=g), torch.float32)
     Q = Q_every_other[::2]
-    M = _matte((2, 1, 24, 80), g)[..., ::2].to(DEVICE)
+    M = _matte((2, 1, 24, 80), g).to(DEVICE)[..., ::2]  # sliced after the move, which would copy
     assert not (P.is_contiguous() or Q.is_contiguous() or M.is_contiguous())
     value = fused_teacher_loss(P, Q, M)
     value.backward()
