@@ -158,3 +158,17 @@ def test_resume_after_sigterm_gives_the_uninterrupted_weights(pipeline):
         finish(student(root, data, "student-cut", 1, "--resume"))
     for name in ("student.safetensors", "teacher-ema.safetensors"):
         assert_same(weights(reference / name), weights(root / "student-cut" / name))
+
+
+def test_bf16_training_saves_the_fp32_master_weights(pipeline, shared):
+    """Under bf16 the network's parameters are bf16 roundings of the optimizer's fp32 masters; the
+    saved weights must be the masters (collected from both ranks' ZeRO-3 partitions)."""
+    root, data = pipeline
+    with one_run_at_a_time(shared):
+        finish(launch("pretrain_seg.py", "--out", root / "pretrain-bf16", "--seg", data["seg"], "--steps", "3",
+                      "--save-every", "0", "--precision", "bf16", zero=3))
+    saved = weights(root / "pretrain-bf16" / "pretrain.safetensors")
+    floats = {k: t for k, t in saved.items() if t.is_floating_point()}
+    assert floats and all(t.dtype == torch.float32 for t in floats.values())
+    rounded = [k for k, t in floats.items() if "running" not in k and torch.equal(t.bfloat16().float(), t)]
+    assert len(rounded) < len(floats) // 10, rounded[:5]  # not bf16 values stored as fp32

@@ -160,15 +160,27 @@ class Trainer:
         self.stage.load_extra_state(client_state)
 
     def export(self) -> None:
-        from wsshm.models import save_weights
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        from wsshm.models import build_model, save_weights
         net = self.engine.module.net
+        # bf16 training: save the optimizer's fp32 master weights, not their bf16 rounding (every
+        # rank takes part: the masters are partitioned under ZeRO).
+        masters = {name: safe_get_full_fp32_param(p) for name, p in net.named_parameters()} \
+            if self.use_bf16 else {}
         params = list(net.parameters())
         gather = (deepspeed.zero.GatheredParameters(params, modifier_rank=None)
                   if self.engine.zero_optimization_stage() == 3 else contextlib.nullcontext())
         with gather:
             if self.rank == 0:
                 meta = {"stage": self.stage.name, "steps": str(self.engine.global_steps)}
-                save_weights(net, self.out / STAGE_DEFAULTS[self.stage.name].weights_name, metadata=meta)
+                weights = net
+                if masters:
+                    state = {name: t.detach().float().cpu() for name, t in net.state_dict().items()}
+                    state.update({name: t.detach().float().cpu() for name, t in masters.items() if t is not None})
+                    weights = build_model(net.arch, **(getattr(net, "arch_kwargs", None) or {}))
+                    weights.load_state_dict(state)
+                save_weights(weights, self.out / STAGE_DEFAULTS[self.stage.name].weights_name, metadata=meta)
                 for name, extra in self.stage.exports().items():
                     save_weights(extra, self.out / name, metadata=meta)
         dist.barrier()
