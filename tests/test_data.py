@@ -290,3 +290,29 @@ def test_shards_without_index_files_are_scanned_and_give_the_same_batches(backen
     for _ in range(2):
         a, b = next(with_index), next(scanned)
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def one_picture(tmp_path_factory):
+    """A seg folder of 4 copies of one smooth 120x90 picture: both loaders crop the same image."""
+    root = tmp_path_factory.mktemp("one")
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    y, x = np.mgrid[0:90, 0:120].astype(np.float32)
+    image = np.stack([x * 2, y * 2.5, 128 + 100 * np.sin(x / 7) * np.cos(y / 9)], -1).astype(np.uint8)
+    mask = (((x - 40) ** 2 + (y - 50) ** 2 < 900) * 255).astype(np.uint8)
+    for i in range(4):
+        Image.fromarray(image).save(root / "images" / f"s{i}.png")
+        Image.fromarray(mask).save(root / "masks" / f"s{i}.png")
+    convert("seg", pair_folders(root / "images", {"mask": root / "masks"}), root / "seg", progress=False)
+    return str(root / "seg")
+
+
+def test_dali_crops_match_the_torch_loaders_for_the_same_geometry(one_picture):
+    # crops of 64 (windows of 60..90 pixels: shrunk or enlarged) and 96 (enlarged), some flipped
+    torch_batches, dali_batches = (loader(backend, "pretrain", {"seg": one_picture}, batch_size=4, keep_uint8=True,
+                                          seed=2) for backend in BACKENDS)
+    for _ in range(6):
+        a, b = next(torch_batches), next(dali_batches)
+        assert (a["uint8_image"].int() - b["uint8_image"].int()).abs().max() <= 2
+        assert (a["uint8_mask"] != b["uint8_mask"]).float().mean() < 0.03

@@ -7,7 +7,6 @@ both loaders draw the same parameters; DALI's checkpoint carries the readers' po
 from __future__ import annotations
 
 import base64
-import ctypes
 import os
 import shutil
 import tempfile
@@ -77,23 +76,47 @@ def _build_pipeline(form, data_files, bg_files, source, *, batch_size, num_threa
             paths=files[0], index_paths=files[1], ext=EXTENSIONS[kind], shard_id=rank, num_shards=world_size,
             random_shuffle=True, initial_fill=256, seed=reader_seed, missing_component_behavior="error", name=name)
 
-    def decode_crop(encoded, size, scale, x, y, flip, grey=False, nearest=False):
-        # Decode only the window that becomes the crop (a square of side min(h, w) / scale at the
-        # fractional position x, y), then resize it to size x size: the same geometry as resizing
-        # the shorter side to size*scale and cropping, without resizing the whole image.
-        shape = fn.cast(fn.peek_image_shape(encoded), dtype=types.FLOAT)
-        side = dmath.floor(dmath.min(shape[0], shape[1]) / scale)
-        image = fn.decoders.image_crop(encoded, device=decoder, output_type=types.GRAY if grey else types.RGB,
-                                       crop_w=side, crop_h=side, crop_pos_x=x, crop_pos_y=y)
+    def resize(image, size, flip, interp):
         # The flip is a mirrored region of interest of the resize (x from 1 to 0): on the CPU a
         # separate fn.flip pass cost as much as a tenth of the whole pipeline.
         mirrored = fn.cast(flip, dtype=types.FLOAT)
         zero = mirrored * 0.0
         return fn.resize(image, resize_x=size, resize_y=size, roi_relative=True,
                          roi_start=fn.stack(zero, mirrored), roi_end=fn.stack(zero + 1.0, 1.0 - mirrored),
-                         interp_type=types.INTERP_NN if nearest else types.INTERP_LINEAR, antialias=not nearest)
+                         interp_type=interp, antialias=interp != types.INTERP_NN)
 
-    @pipeline_def(enable_checkpointing=True)
+    def warp(image, size, side, flip):
+        # The same bilinear map as the resize above (pixel corners at the origin), flip included:
+        # x_src = k*x (or side - k*x when flipped), y_src = k*y, with k = side / size.
+        f = fn.cast(flip, dtype=types.FLOAT)
+        k = side / size
+        zero = f * 0.0
+        matrix = fn.reshape(fn.stack(k - 2.0 * k * f, zero, side * f, zero, k, zero, zero, zero, zero + 1.0),
+                            shape=[3, 3])
+        return fn.experimental.warp_perspective(image, matrix=matrix, size=fn.stack(size, size),
+                                                interp_type=types.INTERP_LINEAR, border_mode="replicate")
+
+    def decode_crop(encoded, size, scale, x, y, flip, grey=False, nearest=False):
+        # Decode only the window that becomes the crop (a square of side min(h, w) / scale at the
+        # fractional position x, y), then resize it to size x size: the same geometry as resizing
+        # the shorter side to size*scale and cropping, without resizing the whole image.
+        shape = fn.cast(fn.peek_image_shape(encoded), dtype=types.FLOAT)
+        side = dmath.floor(dmath.min(shape[0], shape[1]) / scale + 0.5)  # rounded, as torch_backend.crop
+        image = fn.decoders.image_crop(encoded, device=decoder, output_type=types.GRAY if grey else types.RGB,
+                                       crop_w=side, crop_h=side, crop_pos_x=x, crop_pos_y=y)
+        if nearest or gpu:  # nearest neighbour is cheap; on a GPU so is the antialiased resize
+            return resize(image, size, flip, types.INTERP_NN if nearest else types.INTERP_LINEAR)
+        # On the CPU fn.resize's separable float filter costs 8-15x cv2.resize (docs/data.md). When
+        # enlarging (no antialiasing needed) fn.experimental.warp_perspective, OpenCV's fixed-point
+        # bilinear warp inside DALI, does the same map 2-3x faster; shrinking keeps the antialiased
+        # resize (a warp would alias). The choice is per sample: a DALI conditional.
+        if side <= size:
+            out = warp(image, size, side, flip)
+        else:
+            out = resize(image, size, flip, types.INTERP_LINEAR)
+        return out
+
+    @pipeline_def(enable_checkpointing=True, enable_conditionals=True)
     def pipeline():
         geo = fn.external_source(source=source, num_outputs=n_out, batch=True, batch_info=True)
         size = geo[0]
@@ -106,8 +129,10 @@ def _build_pipeline(form, data_files, bg_files, source, *, batch_size, num_threa
         encoded_bg = read(bg_files, "background", "background", seed * 2 + 2)  # one ext: one node
         return image, label, decode_crop(encoded_bg, size, *geo[5:9])
 
+    # exec_dynamic (DALI's default model, named because _to_torch relies on it): fresh output buffers
+    # each iteration, kept alive while referenced.
     pipe = pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed + 7919 * rank,
-                    prefetch_queue_depth=2, checkpoint=checkpoint)
+                    prefetch_queue_depth=2, exec_dynamic=True, checkpoint=checkpoint)
     pipe.build()
     return pipe
 
@@ -120,11 +145,9 @@ def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:
         out = torch.empty(dense.shape(), dtype=torch.uint8, device=device)
         feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device))
         return out
-    # one copy, straight from DALI's buffers into the tensor the fused op reads
-    shapes = tensor_list.shape()
-    out = torch.empty((len(shapes), *shapes[0]), dtype=torch.uint8)
-    tensor_list.copy_to_external(ctypes.c_void_p(out.data_ptr()))
-    return out
+    # no copy: the tensor shares DALI's output buffer, which the dynamic executor does not reuse
+    # while the tensor (holding the DLPack capsule) lives
+    return torch.from_dlpack(tensor_list.as_tensor())
 
 
 class DaliLoader:
