@@ -6,7 +6,9 @@
 1. The fused op (wsshm._C.fused_prepare) vs fused_prepare_reference (plain torch ops) on a batch of
    random uint8 crops, per form; median of --repeats; on a GPU also GB/s against a device copy.
 2. Images/s of the DALI pipeline, the PyTorch loader (csrc op) and the PyTorch loader with the
-   reference op, on demo shards, in one run on one machine (teacher and student forms).
+   reference op, on demo shards, in one run on one machine (teacher and student forms): the loaders
+   take --rounds interleaved turns, the ratio is the median of the per-round ratios, and the CPU time
+   per image (process and workers) is printed beside it, which a shared machine's load moves less.
 """
 from __future__ import annotations
 
@@ -67,7 +69,27 @@ def bench_op(batch: int, size: int, repeats: int, device: torch.device) -> list[
     return rows
 
 
-def bench_loaders(folders: dict, batch: int, size: int, batches: int, workers: int, device: torch.device) -> list[str]:
+def cpu_seconds() -> float:
+    """CPU time of this process (all its threads: DALI's) and of its live children (DataLoader workers)."""
+    import multiprocessing
+    times = os.times()
+    total = times.user + times.system
+    tick = os.sysconf("SC_CLK_TCK")
+    for child in multiprocessing.active_children():
+        try:
+            with open(f"/proc/{child.pid}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        except OSError:
+            pass
+    return total
+
+
+def bench_loaders(folders: dict, batch: int, size: int, batches: int, workers: int, device: torch.device,
+                  rounds: int) -> list[str]:
+    """Loaders take turns, a fresh one per round (order reversed every other round), so a change in
+    the machine's load hits each alike; the ratio is taken per round, then the median. CPU time per
+    image (process + workers) is the load-independent cost."""
     variants = [("DALI pipeline", "dali", "csrc"), ("PyTorch loader (csrc op)", "torch", "csrc"),
                 ("PyTorch loader (plain torch ops)", "torch", "torch")]
     try:
@@ -75,24 +97,32 @@ def bench_loaders(folders: dict, batch: int, size: int, batches: int, workers: i
     except ImportError:
         print("nvidia-dali is not installed here: no DALI rows", file=sys.stderr)
         variants = variants[1:]
-    rows = ["| loader | form | images/s | vs PyTorch loader (csrc) |", "|---|---|---|---|"]
+    base = "PyTorch loader (csrc op)"
+    rows = ["| loader | form | images/s (median) | vs PyTorch loader (csrc): median of rounds | range | "
+            "CPU ms per image |", "|---|---|---|---|---|---|"]
     for form in ("teacher", "student"):
-        results = {}
-        for name, backend, op in variants:
-            loader = build_loader(form, seg=folders["seg"], matte=folders["matte"], background=folders["background"],
-                                  batch_size=batch, crop_sizes=size, backend=backend, op=op, num_workers=workers,
-                                  device=device, verify=False)
-            for _ in range(2):  # warm-up: workers / pipeline start
-                next(loader)
-            t = time.perf_counter()
-            for _ in range(batches):
-                b = next(loader)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            results[name] = batches * batch / (time.perf_counter() - t)
-            del b, loader
-        base = results["PyTorch loader (csrc op)"]
-        rows += [f"| {name} | {form} | {ips:.1f} | {ips / base:.2f}x |" for name, ips in results.items()]
+        rates = {name: [] for name, _, _ in variants}
+        cpu_ms = {name: [] for name, _, _ in variants}
+        for r in range(rounds):
+            for name, backend, op in variants if r % 2 == 0 else variants[::-1]:
+                loader = build_loader(form, seg=folders["seg"], matte=folders["matte"],
+                                      background=folders["background"], batch_size=batch, crop_sizes=size,
+                                      backend=backend, op=op, num_workers=workers, device=device, verify=False)
+                for _ in range(2):  # warm-up: workers / pipeline start
+                    next(loader)
+                t, c = time.perf_counter(), cpu_seconds()
+                for _ in range(batches):
+                    b = next(loader)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                rates[name].append(batches * batch / (time.perf_counter() - t))
+                cpu_ms[name].append((cpu_seconds() - c) / (batches * batch) * 1e3)
+                del b, loader
+        for name in rates:
+            ratios = [v / w for v, w in zip(rates[name], rates[base])]
+            rows.append(f"| {name} | {form} | {statistics.median(rates[name]):.1f} | "
+                        f"{statistics.median(ratios):.2f}x | {min(ratios):.2f}-{max(ratios):.2f}x | "
+                        f"{statistics.median(cpu_ms[name]):.1f} |")
     return rows
 
 
@@ -103,12 +133,13 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--size", type=int, default=512, help="crop size")
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--batches", type=int, default=6, help="timed loader batches")
+    ap.add_argument("--batches", type=int, default=8, help="timed loader batches per round")
+    ap.add_argument("--rounds", type=int, default=4, help="turns each loader takes (interleaved)")
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers / DALI threads")
     ap.add_argument("--data", help="folder for the demo shards (default: a temporary one)")
     args = ap.parse_args(argv)
     if args.quick:
-        args.batch, args.size, args.repeats, args.batches = 4, 128, 3, 2
+        args.batch, args.size, args.repeats, args.batches, args.rounds = 4, 128, 3, 2, 1
     device = torch.device(args.device)
     from wsshm.shards.demo import generate
 
@@ -122,9 +153,12 @@ def main(argv=None) -> None:
         image_size = max(160, int(args.size * 1.25))
         folders = generate(args.data or tmp, size=image_size, mattes=24, backgrounds=24, seg=48, eval_natural=1,
                            eval_synthetic=1)
-        print(f"\n### loaders, batch {args.batch} crops at {args.size}, {args.batches} batches, {args.workers} "
-              f"workers/threads, demo shards of {int(image_size * 0.75)}x{image_size} images\n")
-        print("\n".join(bench_loaders(folders, args.batch, args.size, args.batches, args.workers, device)))
+        print(f"\n### loaders, batch {args.batch} crops at {args.size}, {args.rounds} rounds of {args.batches} "
+              f"batches, {args.workers} workers/threads, demo shards of {int(image_size * 0.75)}x{image_size} "
+              f"images, load average {os.getloadavg()[0]:.2f}\n")
+        print("\n".join(bench_loaders(folders, args.batch, args.size, args.batches, args.workers, device,
+                                       args.rounds)))
+        print(f"\nload average after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
