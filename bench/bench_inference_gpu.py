@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_inference import PAPER  # noqa: E402  (the paper's Table 1: GPU, CPU images/s)
 from wsshm.models import build_model  # noqa: E402
 
-PAPER_GPU = {"unet_r18_w0.5": 328.9, "unet_r18": 222.2, "unet_r101": 58.3}
 BACKENDS = ("eager", "eager-cl-bf16", "graph-cl-bf16", "compile-cl-bf16")
 
 
@@ -99,7 +99,7 @@ def images_per_second(fn: nn.Module, x: torch.Tensor, iters: int, repeats: int) 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="unet_r18_w0.5 and unet_r18, fewer timings")
-    parser.add_argument("--models", nargs="+", default=list(PAPER_GPU))
+    parser.add_argument("--models", nargs="+", default=list(PAPER))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     parser.add_argument("--size", type=int, default=512)
@@ -147,8 +147,7 @@ def main(argv=None) -> int:
           "max abs diff vs fp32 |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for arch, batch, name, rate, ratio, setup_s, diff in rows:
-        paper = PAPER_GPU.get(arch)
-        vs_paper = f"{rate / paper:.2f}" if paper else "-"
+        vs_paper = f"{rate / PAPER[arch][0]:.2f}" if arch in PAPER else "-"
         print(f"| {arch} | {batch} | {name} | {rate:.1f} | {ratio:.2f} | {vs_paper} | {setup_s:.1f} | {diff:.2e} |")
     return 0
 

@@ -9,8 +9,8 @@ input read once, each gradient written once; docs/kernels.md), that bandwidth as
 device-to-device copy moving the same number of bytes in the same run, and the peak memory one step
 allocates beyond its inputs; then the same step replayed as a CUDA graph, which is the GPU's own time
 without Python's launch overhead (a call from Python waits on 3-4 kernel launches, which on an H200
-takes longer than the kernels). The goal is judged on the graph replays. Without a GPU it times the reference paths on the CPU and says that the
-GPU numbers need a GPU. Exits 1 when the fused loss disagrees with the reference.
+takes longer than the kernels). The goal is judged on the graph replays. Without a GPU it times the
+reference paths on the CPU and says that the GPU numbers need a GPU. Exits 1 when the fused loss disagrees with the reference.
 """
 from __future__ import annotations
 
@@ -265,22 +265,18 @@ def main(argv=None) -> int:
         for name, fn, *tile in methods:
             if tile:
                 fused_module.GPU_TILE = tile[0]
+            graph_ms = float("nan")
             try:
                 step = step_fn(fn, inputs, n_grad)
                 ms = timer(step, args.quick)
                 peak = peak_extra_mib(step, device)
+                if on_gpu:
+                    try:
+                        graph_ms = timer(graph_replay(step), args.quick)
+                    except Exception as error:  # a method that cannot be captured: say so, go on
+                        print(f"{loss} {name}: no graph replay ({str(error).splitlines()[0]})", file=sys.stderr)
             finally:
                 fused_module.GPU_TILE = default_tile
-            graph_ms = float("nan")
-            if on_gpu:
-                if tile:
-                    fused_module.GPU_TILE = tile[0]
-                try:
-                    graph_ms = timer(graph_replay(step), args.quick)
-                except Exception as error:  # a method that cannot be captured: say so, go on
-                    print(f"{loss} {name}: no graph replay ({str(error).splitlines()[0]})", file=sys.stderr)
-                finally:
-                    fused_module.GPU_TILE = default_tile
             eager_ms = ms if name == "eager" else eager_ms
             gbs = nbytes / ms / 1e6  # bytes per ms / 1e6 = GB/s
             pct = 100 * copy / ms
