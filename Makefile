@@ -22,8 +22,13 @@ $(VENV)/.deps: requirements.txt
 
 setup: $(VENV)/.deps
 
-build: setup
+# wsshm._C is compiled again only when its sources or setup.py change (a full build takes minutes).
+BUILT := $(VENV)/.wsshm-built
+$(BUILT): $(VENV)/.deps setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.h)
 	$(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(BUILT)
 	$(PY) -c "import wsshm, wsshm.kernels, wsshm._C; print('wsshm', wsshm.__version__, 'built:', wsshm._C.build_info())"
 
 test: build
@@ -39,4 +44,4 @@ gpu-check:
 	bash bench/gpu_check.sh
 
 clean:
-	rm -rf build *.egg-info wsshm/_C*.so runs/demo
+	rm -rf build *.egg-info wsshm/_C*.so runs/demo $(BUILT)

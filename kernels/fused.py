@@ -187,16 +187,20 @@ def fused_teacher_loss(P: Tensor, Q: Tensor, M: Tensor, lam: float = 0.01,
 
 
 def fused_student_loss(P: Tensor, Mt: Tensor, At: Tensor, S: Tensor, threshold: float | None = 0.5,
-                       from_logits: bool = False) -> Tensor:
-    """``wsshm.losses.student_loss(P, Mt, At, S, threshold)`` and its gradient in ``P`` in one pass.
+                       from_logits: bool = False, Q: Tensor | None = None, lam: float = 0.01) -> Tensor:
+    """``wsshm.losses.student_loss(P, Mt, At, S, threshold, Q, lam)`` and its gradient in ``P`` (and
+    ``Q``) in one pass.
 
     The MLB target (hard ``At > threshold``, or soft with ``threshold=None``) is blended in registers
-    and never stored. ``At`` and ``S`` may be uint8 or bool (values used as they are: 1, not 255,
-    means foreground). With ``from_logits=True``, ``P`` is a logit. Returns an fp32 scalar.
+    and never stored; with the student's boundary map ``Q`` the boundary label is the band of that
+    target. ``At`` and ``S`` may be uint8 or bool (values used as they are: 1, not 255, means
+    foreground). With ``from_logits=True``, ``P`` and ``Q`` are logits. Returns an fp32 scalar.
     """
-    _check_inputs("fused_student_loss", {"P": P, "Mt": Mt, "At": At, "S": S}, mask_ok=("At", "S"))
+    inputs = {"P": P, "Mt": Mt, "At": At, "S": S} | ({"Q": Q} if Q is not None else {})
+    _check_inputs("fused_student_loss", inputs, mask_ok=("At", "S"))
     if not _runs_triton(P):
-        return losses.student_loss(_probabilities(P, from_logits), Mt, At, S, threshold)
+        return losses.student_loss(_probabilities(P, from_logits), Mt, At, S, threshold,
+                                   None if Q is None else _probabilities(Q, from_logits), lam)
     target = (K.TARGET_BLEND_SOFT if threshold is None else K.TARGET_BLEND_HARD).value
-    return _run(P, None, Mt, At, S, target=target, lam=0.0, threshold=threshold,
+    return _run(P, Q, Mt, At, S, target=target, lam=lam if Q is not None else 0.0, threshold=threshold,
                 from_logits=from_logits)

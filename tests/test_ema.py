@@ -124,3 +124,18 @@ def test_mismatches_are_clear_errors():
         ModelEMA(Tiny([1.0]), momentum=1.5)
     with pytest.raises(ValueError, match="differing names"):
         ema.load_state_dict({"momentum": 0.9, "updates": 0, "master": {"weight": torch.zeros(2)}})
+
+
+def test_kept_prefixes_are_left_alone_and_the_rest_averaged():
+    class Two(nn.Module):
+        def __init__(self, a, b):
+            super().__init__()
+            self.body, self.head = Tiny(a, mean=a[0], count=1), Tiny(b, mean=b[0], count=1)
+
+    teacher, student = Two([2.0], [4.0]), Two([0.0], [0.0])
+    set_student(student.head, [100.0], 100.0, 9)
+    ema = ModelEMA(teacher, momentum=0.5, keep=("head.",))
+    ema.update(student)
+    assert teacher.body.weight.tolist() == [1.0] and float(teacher.body.running_mean) == 1.0
+    assert teacher.head.weight.tolist() == [4.0] and float(teacher.head.running_mean) == 4.0
+    assert int(teacher.head.num_batches_tracked) == 1

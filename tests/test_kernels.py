@@ -139,6 +139,28 @@ def test_student_accepts_uint8_and_bool_masks(mask_dtype, threshold):
                                                threshold=threshold))
 
 
+def _student_with_boundary(P, Q, Mt, At, S, **kw):
+    return losses.student_loss(P, Mt, At, S, Q=Q, **kw)
+
+
+@kernel_runs
+@pytest.mark.parametrize("shape", SIZES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("from_logits", [False, True])
+@pytest.mark.parametrize("threshold", [0.5, None])
+def test_student_boundary_term_matches_reference(shape, dtype, from_logits, threshold):
+    """With the student's boundary map: its L1 to the band of the blended label, gradient in P and Q."""
+    g = _gen(_seed(shape, dtype, from_logits, threshold, "Q"))
+    P = _leaf(_prediction(shape, g, from_logits), dtype)
+    Q = _leaf(_prediction(shape, g, from_logits), dtype)
+    Mt, At, S = _student_inputs(shape, g, dtype, None)
+    value = fused_student_loss(P, Mt, At, S, threshold=threshold, from_logits=from_logits, Q=Q, lam=0.3)
+    value.backward()
+    ref = _reference(_student_with_boundary, [P, Q], [Mt, At, S], from_logits, threshold=threshold, lam=0.3)
+    _assert_close(value, [P.grad, Q.grad], *ref)
+    assert Q.grad.abs().sum() > 0
+
+
 @kernel_runs
 def test_ties_give_sign_zero():
     """P == M on whole 2x2 blocks and Q == boundary_mask(M) exactly: every L1 term ties somewhere."""

@@ -72,6 +72,17 @@ def test_student_and_pretrain_losses():
     assert losses.pretrain_loss(P, S).item() == pytest.approx((0.36 + 0.25) / 2)
 
 
+def test_student_boundary_term_is_the_band_of_the_blended_label():
+    Mt, At, S = t([[0.4, 0.9], [0.5, 0.02]]), t([[0.8, 0.1], [0.9, 0.7]]), t([[1.0, 0.0], [0.0, 1.0]])
+    P = t([[0.4, 0.0], [0.5, 0.02]])  # equals the blended label [0.4, 0.0, 0.5, 0.02]: matte loss 0
+    Q = t([[0.5, 0.5], [1.0, 0.0]])
+    # band of the label: [1, 0, 1, 0] (0.02 is below 0.05 although the blend took the teacher there)
+    # |band - Q| = [0.5, 0.5, 0, 0] -> mean 0.25
+    assert losses.student_loss(P, Mt, At, S, Q=Q, lam=1.0).item() == pytest.approx(0.25)
+    assert losses.student_loss(P, Mt, At, S, Q=Q).item() == pytest.approx(0.0025)
+    assert losses.student_loss(P, Mt, At, S).item() == 0.0
+
+
 def test_targets_carry_no_gradient_and_ties_have_zero_subgradient():
     P = torch.full((1, 1, 3, 3), 0.5, dtype=torch.float64, requires_grad=True)
     T = torch.full((1, 1, 3, 3), 0.5, dtype=torch.float64, requires_grad=True)
@@ -100,4 +111,5 @@ def test_gradcheck_float64(shape):
     S = (torch.rand(shape, generator=g) > 0.5).double()
     assert torch.autograd.gradcheck(lambda p, q: losses.teacher_loss(p, q, M), (P, Q))
     assert torch.autograd.gradcheck(lambda p: losses.student_loss(p * 0.1, Mt, At, S), (P,))
+    assert torch.autograd.gradcheck(lambda p, q: losses.student_loss(p * 0.1, Mt, At, S, Q=q), (P, Q))
     assert torch.autograd.gradcheck(lambda p: losses.pretrain_loss(p, S), (P,))

@@ -12,6 +12,10 @@ Under DeepSpeed ZeRO-3 the student's parameters are partitioned; gather them fir
 
 ``update`` also takes any iterable of ``(name, tensor)`` pairs covering every parameter and buffer
 of the teacher, e.g. full tensors collected some other way.
+
+``keep`` names prefixes (e.g. ``"boundary_head."``) that the average leaves alone: a part of the
+network the student does not train would otherwise pull the teacher's trained part toward the
+student's untrained one.
 """
 from __future__ import annotations
 
@@ -30,11 +34,12 @@ def _named_tensors(model: nn.Module) -> dict[str, Tensor]:
 class ModelEMA:
     """``teacher <- m * teacher + (1 - m) * student`` over parameters and floating buffers."""
 
-    def __init__(self, teacher: nn.Module, momentum: float = 0.999):
+    def __init__(self, teacher: nn.Module, momentum: float = 0.999, keep: tuple[str, ...] = ()):
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"EMA momentum must be in [0, 1], got {momentum}")
         self.teacher = teacher
         self.momentum = float(momentum)
+        self.keep = tuple(keep)
         self.updates = 0
         self.master = {name: (t.detach().float().clone() if t.is_floating_point() else t.detach().clone())
                        for name, t in _named_tensors(teacher).items()}
@@ -57,16 +62,17 @@ class ModelEMA:
     def update(self, student: nn.Module | Iterable[tuple[str, Tensor]]) -> None:
         """Average ``student`` (a module, or ``(name, tensor)`` pairs) into the master and the teacher."""
         pairs = self._collect(student)
-        floats = [name for name, master in self.master.items() if master.is_floating_point()]
+        averaged = [name for name in self.master if not name.startswith(self.keep)]
+        floats = [name for name in averaged if self.master[name].is_floating_point()]
         masters = [self.master[name] for name in floats]
         students = [pairs[name].detach().to(device=self.master[name].device, dtype=torch.float32)
                     for name in floats]
         if masters:
             torch._foreach_mul_(masters, self.momentum)
             torch._foreach_add_(masters, students, alpha=1.0 - self.momentum)
-        for name, master in self.master.items():
-            if not master.is_floating_point():
-                master.copy_(pairs[name])
+        for name in averaged:
+            if not self.master[name].is_floating_point():
+                self.master[name].copy_(pairs[name])
         self.updates += 1
         self._write_teacher()
 

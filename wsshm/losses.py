@@ -68,9 +68,20 @@ def teacher_loss(P: Tensor, Q: Tensor, M: Tensor, lam: float = 0.01) -> Tensor:
     return matte_loss(P, M) + lam * (boundary_mask(M) - _f32(Q)).abs().mean()
 
 
-def student_loss(P: Tensor, Mt: Tensor, At: Tensor, S: Tensor, threshold: float | None = 0.5) -> Tensor:
-    """Step 2: ``L_matte`` of the student's matte against the MLB label of the frozen teacher."""
-    return matte_loss(P, mlb_blend(Mt, At, S, threshold))
+def student_loss(P: Tensor, Mt: Tensor, At: Tensor, S: Tensor, threshold: float | None = 0.5,
+                 Q: Tensor | None = None, lam: float = 0.01) -> Tensor:
+    """Step 2: ``L_matte`` of the student's matte against the MLB label ``M_bar`` of the teacher.
+
+    With the student's boundary map ``Q`` this is eq. 2 with ``M_bar`` as the label:
+    ``matte_loss(P, M_bar) + lam * |boundary_mask(M_bar) - Q|``. Training the student's boundary
+    head keeps the EMA teacher's ``At`` a boundary detector: the EMA averages the student's boundary
+    head into the teacher, and an untrained one would replace the teacher's (docs/training.md).
+    """
+    label = mlb_blend(Mt, At, S, threshold)
+    loss = matte_loss(P, label)
+    if Q is None:
+        return loss
+    return loss + lam * (boundary_mask(label) - _f32(Q)).abs().mean()
 
 
 def pretrain_loss(P: Tensor, S: Tensor) -> Tensor:

@@ -1,5 +1,5 @@
 """What a run shows while it trains (rank 0 only): a tqdm bar, TensorBoard scalars and image grids,
-and ``loss.csv`` (step, loss, lr) that the demo report plots."""
+and ``loss.csv`` (step, loss, lr and the stage's logged terms) that the reports plot."""
 from __future__ import annotations
 
 import csv
@@ -26,11 +26,9 @@ class Monitor:
             return
         from torch.utils.tensorboard import SummaryWriter
         self.writer = SummaryWriter(str(tb_dir))
-        new_file = not csv_path.exists()
+        self.need_header = not csv_path.exists()  # written with the first row, which names the terms
         self.csv_file = open(csv_path, "a", newline="")
         self.csv = csv.writer(self.csv_file)
-        if new_file:
-            self.csv.writerow(["step", "loss", "lr"])
         self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, mininterval=1.0)
         self.smoothed = None
 
@@ -47,7 +45,10 @@ class Monitor:
                 self.writer.add_scalar(f"loss/{name}", value, step)
             self.writer.add_scalar("lr", lr, step)
             self.writer.add_scalar("images_per_s", images_per_s, step)
-            self.csv.writerow([step, f"{loss:.6g}", f"{lr:.6g}"])
+            if self.need_header:
+                self.csv.writerow(["step", "loss", "lr", *terms])
+                self.need_header = False
+            self.csv.writerow([step, f"{loss:.6g}", f"{lr:.6g}", *(f"{v:.6g}" for v in terms.values())])
             self.csv_file.flush()
 
     def images(self, step: int, columns: list[Tensor]) -> None:

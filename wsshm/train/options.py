@@ -84,6 +84,16 @@ def build_parser(stage: str, default_config: str | None = None) -> argparse.Argu
         mlb.add_argument("--ema-momentum", type=float, default=0.999)
         mlb.add_argument("--mlb-threshold", type=float, default=0.5,
                          help="boundary threshold of the blend; a negative value blends softly")
+        mlb.add_argument("--student-boundary", choices=["blend", "off"], default="blend",
+                         help="blend: train the student's boundary head on the 0.05..0.95 band of the "
+                              "blended label (eq. 2 with M_bar), starting from the teacher's head; off: "
+                              "leave it untrained (docs/training.md)")
+        mlb.add_argument("--lam", type=float, default=0.01, help="weight of the student's boundary loss")
+        mlb.add_argument("--ema-scope", choices=["trained", "all"], default="trained",
+                         help="trained: average into the teacher only what the student trains; all: every "
+                              "parameter (the behaviour before 0.2, for comparisons)")
+        mlb.add_argument("--strong-view", choices=["on", "off"], default="on",
+                         help="off: the student sees the teacher's weak view (paper Table 5)")
     logs = parser.add_argument_group("checkpoints and logs")
     logs.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (0: only at the end)")
     logs.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/checkpoints")

@@ -32,12 +32,14 @@ def teacher_loss(P: Tensor, Q: Tensor, M: Tensor, lam: float, from_logits: bool)
 
 
 def student_loss(P: Tensor, Mt: Tensor, At: Tensor, S: Tensor, threshold: float | None,
-                 from_logits: bool) -> Tensor:
-    """Matte Label Blending loss (hard or soft): fused on GPU, reference on CPU."""
+                 from_logits: bool, Q: Tensor | None = None, lam: float = 0.01) -> Tensor:
+    """Matte Label Blending loss (hard or soft, with the boundary term when ``Q`` is given): fused on
+    GPU, reference on CPU."""
     if P.is_cuda:
         from wsshm.kernels import fused_student_loss
-        return fused_student_loss(P, Mt, At, S, threshold=threshold, from_logits=from_logits)
-    return losses.student_loss(_probabilities(P, from_logits), Mt, At, S, threshold=threshold)
+        return fused_student_loss(P, Mt, At, S, threshold=threshold, from_logits=from_logits, Q=Q, lam=lam)
+    Q = None if Q is None else _probabilities(Q, from_logits)
+    return losses.student_loss(_probabilities(P, from_logits), Mt, At, S, threshold=threshold, Q=Q, lam=lam)
 
 
 # ----------------------------------------------------------------------------- networks
@@ -261,25 +263,41 @@ class StudentStage(Stage):
     def loader_kwargs(self) -> dict:
         return {"seg": self.args.seg, "num_samples": self.args.num_seg}
 
+    @property
+    def trains_boundary(self) -> bool:
+        return self.args.student_boundary != "off"
+
     def prepare(self, device, dtype, trained):
         from wsshm.models import load_weights
         teacher = load_weights(self.args.teacher, map_location="cpu").to(device)
         teacher.eval().requires_grad_(False)
         same = getattr(teacher, "arch", None) == getattr(trained, "arch", None)
+        if same and self.trains_boundary:
+            # Stage 0 never trains a boundary head; start the student's from the teacher's, so that
+            # the EMA averages trained heads into the teacher's from the first step.
+            heads = {k: v for k, v in teacher.state_dict().items() if k.startswith("boundary_head.")}
+            trained.load_state_dict(heads, strict=False)
         if self.args.ema == "on" or (self.args.ema == "auto" and same):
             from wsshm.ema import ModelEMA
-            self.ema = ModelEMA(teacher, momentum=self.args.ema_momentum)  # fp32 master before any cast
+            # A boundary head the student does not train must not be averaged into the teacher's.
+            keep = ("boundary_head.",) if self.args.ema_scope == "trained" and not self.trains_boundary else ()
+            self.ema = ModelEMA(teacher, momentum=self.args.ema_momentum, keep=keep)  # fp32 master before any cast
         self.teacher = teacher.to(dtype)
 
     def step(self, engine, batch, dtype):
         with torch.no_grad():
             Mt, At = self.teacher(batch["weak"].to(dtype))
-        matte, _ = engine(batch["strong"].to(dtype))
+        seen = batch["strong"] if self.args.strong_view == "on" else batch["weak"]
+        matte, boundary = engine(seen.to(dtype))
         from_logits = engine.module.from_logits
-        loss = student_loss(matte, Mt, At, batch["mask"], self.threshold, from_logits)
-        return StepOutput(loss, {"image": batch["strong"], "weak": batch["weak"], "mask": batch["mask"],
-                                 "teacher": Mt.float(), "boundary": At.float(),
-                                 "pred": _probabilities(matte.detach(), from_logits)})
+        trained_boundary = boundary if self.trains_boundary else None
+        loss = student_loss(matte, Mt, At, batch["mask"], self.threshold, from_logits, trained_boundary,
+                            self.args.lam)
+        view = {"image": seen, "weak": batch["weak"], "mask": batch["mask"], "teacher": Mt.float(),
+                "boundary": At.float(), "pred": _probabilities(matte.detach(), from_logits)}
+        if boundary is not None:
+            view["pred_boundary"] = _probabilities(boundary.detach(), from_logits)
+        return StepOutput(loss, view)
 
     def after_step(self, engine):
         if self.ema is None:
@@ -297,9 +315,14 @@ class StudentStage(Stage):
 
     def terms(self, view):
         label = self._label(view)
-        return {"mse": float(losses.mse_loss(view["pred"], label)),
-                "grad": float(losses.grad_loss(view["pred"], label)),
-                "teacher_vs_mask": float(losses.mse_loss(view["teacher"], view["mask"]))}
+        taken = view["boundary"] if self.threshold is None else (view["boundary"] > self.threshold).float()
+        terms = {"mse": float(losses.mse_loss(view["pred"], label)),
+                 "grad": float(losses.grad_loss(view["pred"], label)),
+                 "teacher_vs_mask": float(losses.mse_loss(view["teacher"], view["mask"])),
+                 "teacher_share": float(taken.mean())}  # share of pixels where the blend takes Mt
+        if "pred_boundary" in view:
+            terms["boundary_l1"] = float((losses.boundary_mask(label) - view["pred_boundary"]).abs().mean())
+        return terms
 
     def pictures(self, view):
         return [_rgb(view["weak"]), _grey(view["teacher"]), _grey(view["boundary"]),
