@@ -22,9 +22,10 @@ $(VENV)/.deps: requirements.txt
 
 setup: $(VENV)/.deps
 
-# wsshm._C is compiled again only when its sources or setup.py change (a full build takes minutes).
+# wsshm._C is compiled again only when its sources, setup.py or this file (which pins torch) change:
+# a full build takes minutes. New requirements alone do not recompile it.
 BUILT := $(VENV)/.wsshm-built
-$(BUILT): $(VENV)/.deps setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.h)
+$(BUILT): setup.py Makefile $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.h) | $(VENV)/.deps
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	touch $@
 
