@@ -41,6 +41,7 @@ SS = 4  # supersampling factor for coverage (alpha) rendering
 FULL = 65535  # full coverage on the 16-bit canvas
 STRAND_T = np.linspace(0, 1, 8)
 DEFAULTS = dict(size=256, mattes=48, backgrounds=64, seg=160, eval_natural=20, eval_synthetic=20, seed=0)
+GENERATOR_VERSION = 2  # part of each folder's recorded source: a folder from another version is redone
 OCCLUDED = 0.7  # share of natural photos with something in front of the person
 _STREAM = {"matte": 1, "background": 2, "seg": 3, "eval-natural": 4, "eval-synthetic": 5}
 
@@ -398,7 +399,8 @@ def generate(out_dir, size=256, mattes=48, backgrounds=64, seg=160, eval_natural
         src = Path(tmp)
         for kind, count in counts.items():
             folders[kind] = str(out / kind)
-            source = {"generator": "wsshm.shards.demo", "domain": kind, "size": size, "count": count, "seed": seed}
+            source = {"generator": "wsshm.shards.demo", "version": GENERATOR_VERSION, "domain": kind, "size": size,
+                      "count": count, "seed": seed}
             try:
                 if read_manifest(out / kind).get("source") == source:
                     continue  # already generated with these settings
