@@ -40,9 +40,9 @@ def test_runs_that_need_an_absent_flag_or_choice_are_not_run(tmp_path):
     older = study.plan_runs(study.PRESETS["builtin"], DATA, tmp_path, 1.0, {})
     assert not _student(older, "default").missing and "--strong-view" not in _student(older, "default").args
     assert _student(older, "weak-view").missing == ["--strong-view off"]
-    partial = {**ALL_FLAGS, "student-boundary": {"blend"}}
+    partial = {**ALL_FLAGS, "student-boundary": {"off"}}
     runs = study.plan_runs(study.PRESETS["builtin"], DATA, tmp_path, 1.0, partial)
-    assert [run.name for run in runs if run.missing] == ["student-boundary-off", "student-before-fix"]
+    assert [run.name for run in runs if run.missing] == ["student-boundary-blend"]
 
 
 def test_curves_keep_the_last_value_of_a_step_logged_twice(tmp_path):

