@@ -81,16 +81,14 @@ class Preset:
 
 
 PRESETS = {
-    # wsshm/demo.py's settings with more steps. On the 2-core VM at load 2-3: 0.23 / 0.24 / 0.30 s per
-    # stage-0 / 1 / 2 step on one thread, ~10 s start-up per run, ~1.5 min of evaluation, so
-    # 1200 / 400 / 400 steps and six students take ~21 min: room for a busier machine within 45 min.
-    # 128 x 96 images, evaluated at their own size.
+    # The demo's network and data with more steps: 18.9 min measured on the 2-core VM (0.20 / 0.24 /
+    # 0.28-0.32 s per stage-0 / 1 / 2 step with start-up, 1.3 min of evaluation), room for a busier
+    # machine within 45 min. 128 x 96 images, evaluated at their own size.
     "builtin": Preset("builtin", "unet_r18_w0.25", (64,), 8, {"pretrain": 1200, "teacher": 400, "student": 400},
                       {"pretrain": 1e-3, "teacher": 5e-4, "student": 5e-4}, 96, ("eval-natural", "eval-synthetic"),
                       "eval-natural", "eval-natural", tuple(STUDENT_RUNS)),
-    # Photos with a 512 long side: the paper's real-time student network, crops near a third of it.
-    # 2.7 / 3.2 / 4.0 s per stage-0 / 1 / 2 step on one thread at load 4-5: ~35 min of training, plus
-    # ~5 min of evaluation.
+    # Photos with a 512 long side: the paper's real-time student network on 128 px crops, 1.5-3 s per
+    # step on one thread of a busy 2-core VM: about 40 min with the evaluation.
     "real": Preset("real", "unet_r18_w0.5", (128,), 8, {"pretrain": 600, "teacher": 250, "student": 300},
                    {"pretrain": 1e-3, "teacher": 5e-4, "student": 5e-4}, 224, ("ccp-heldout", "rbg", "p3m-demo"),
                    "ccp-heldout", "p3m-demo", ("default",), iou_sets=("ccp-heldout", "rbg")),
