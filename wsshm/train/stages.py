@@ -295,8 +295,8 @@ class StudentStage(Stage):
                             self.args.lam)
         view = {"image": seen, "weak": batch["weak"], "mask": batch["mask"], "teacher": Mt.float(),
                 "boundary": At.float(), "pred": _probabilities(matte.detach(), from_logits)}
-        if boundary is not None:
-            view["pred_boundary"] = _probabilities(boundary.detach(), from_logits)
+        if trained_boundary is not None:
+            view["pred_boundary"] = _probabilities(trained_boundary.detach(), from_logits)
         return StepOutput(loss, view)
 
     def after_step(self, engine):
