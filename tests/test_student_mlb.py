@@ -24,6 +24,7 @@ import torch
 
 from wsshm.train import main
 
+pytestmark = pytest.mark.xdist_group("mlb")  # one worker builds the stage-1 fixture once
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "launch" / "configs" / "zero1.json")
 ARCH = "unet_r18_w0.25"
