@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     default_out = "fidelity" + ("" if preset.name == "builtin" else f"-{preset.name}") + ("-quick" if args.quick else "")
     out = Path(args.out).resolve() if args.out else ROOT / "runs" / default_out
     gpus = torch.cuda.device_count()
-    env = {**training_env(gpus), "OMP_NUM_THREADS": str(preset.threads)}
+    env = training_env(gpus, preset.threads)
     torch.set_num_threads(preset.threads)  # this process evaluates
     started = time.perf_counter()
     timings = fidelity_report.Timings(out / "timings.json")

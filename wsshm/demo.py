@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 import torch
 
-from wsshm.train.launch import ROOT, run_logged, stage_command, training_env
+from wsshm.train.launch import CPU_PROCESSES, CPU_THREADS, ROOT, run_logged, stage_command, training_env
 
 ARCH = "unet_r18_w0.25"
 IMAGE_SIZE = 128  # demo images are 128 x 96; training crops 64, evaluation at the native size
@@ -32,7 +32,6 @@ CROP = 64
 BATCH = 8
 STEPS = {"pretrain": 1000, "teacher": 300, "student": 300}
 MODELS = {"seg-only": "pretrain", "teacher": "teacher", "student": "student"}  # report name -> stage
-CPU_PROCESSES = 1  # one single-threaded process trains these tiny networks fastest on a small CPU
 DATA_COUNTS = dict(mattes=48, backgrounds=32, seg=160, eval_natural=20, eval_synthetic=20)
 
 
@@ -51,8 +50,7 @@ def stage_commands(data: Path, out: Path, steps: dict[str, int], gpus: int) -> d
                     "--init", out / "pretrain" / "pretrain.safetensors", "--ema-momentum", "0.99"],
     }
     return {stage: stage_command(stage, ["--out", out / stage, "--steps", steps[stage],
-                                         "--warmup-steps", max(1, steps[stage] // 20), *common, *args[stage]], gpus,
-                                 CPU_PROCESSES)
+                                         "--warmup-steps", max(1, steps[stage] // 20), *common, *args[stage]], gpus)
             for stage in STEPS}
 
 
@@ -172,9 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out, data = (ROOT / args.out).resolve(), (ROOT / args.data).resolve()
     gpus = torch.cuda.device_count()
-    env = training_env(gpus) if gpus else {**training_env(gpus), "OMP_NUM_THREADS": "1"}
+    env = training_env(gpus)
     device = (torch.cuda.get_device_name(0) + f" x{gpus}") if gpus else \
-        f"CPU, {os.cpu_count()} cores, {CPU_PROCESSES} process x 1 thread"
+        f"CPU, {os.cpu_count()} cores, {CPU_PROCESSES} process x {CPU_THREADS} thread"
     timings: dict[str, float] = {}
     counts = [f"--{k.replace('_', '-')}={v}" for k, v in DATA_COUNTS.items()]
     timings["data"] = run_logged([sys.executable, "-m", "wsshm.shards.cli", "demo", "--out", str(data),

@@ -73,9 +73,8 @@ def student_loss(P: Tensor, Mt: Tensor, At: Tensor, S: Tensor, threshold: float 
     """Step 2: ``L_matte`` of the student's matte against the MLB label ``M_bar`` of the teacher.
 
     With the student's boundary map ``Q`` this is eq. 2 with ``M_bar`` as the label:
-    ``matte_loss(P, M_bar) + lam * |boundary_mask(M_bar) - Q|``. Training the student's boundary
-    head keeps the EMA teacher's ``At`` a boundary detector: the EMA averages the student's boundary
-    head into the teacher, and an untrained one would replace the teacher's (docs/training.md).
+    ``matte_loss(P, M_bar) + lam * |boundary_mask(M_bar) - Q|`` (the student stage's
+    ``--student-boundary blend``, for a student that will teach; docs/training.md section 7).
     """
     label = mlb_blend(Mt, At, S, threshold)
     loss = matte_loss(P, label)

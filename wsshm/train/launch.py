@@ -17,7 +17,11 @@ from pathlib import Path
 from wsshm.train.options import LAUNCH_SCRIPTS
 
 ROOT = Path(__file__).resolve().parents[2]
-CPU_PROCESSES = 2  # the demo's default without a GPU: two gloo ranks
+# Without a GPU: one process on one thread trains the small networks of the demo and the study
+# fastest on a small, shared CPU (docs/benchmarks.md: 2x two gloo ranks; OpenMP's threads wait for
+# each other whenever another job holds a core).
+CPU_PROCESSES = 1
+CPU_THREADS = 1
 
 
 class StepFailed(SystemExit):
@@ -31,12 +35,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def training_env(gpus: int) -> dict:
+def training_env(gpus: int, threads: int = CPU_THREADS) -> dict:
     """The environment for the children: unbuffered output, and without a GPU DeepSpeed's CPU
-    accelerator and Triton's interpreter (values already set by the caller win)."""
+    accelerator and Triton's interpreter (values already set by the caller win) and ``threads``
+    torch threads per process."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.setdefault("DS_ACCELERATOR", "cuda" if gpus else "cpu")
     env.setdefault("TRITON_INTERPRET", "0" if gpus else "1")
+    if not gpus:
+        env["OMP_NUM_THREADS"] = str(threads)
     return env
 
 

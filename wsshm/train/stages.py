@@ -17,6 +17,8 @@ from wsshm import losses
 from wsshm.image import denormalize
 from wsshm.train.options import DEFAULT_ARCH, ConfigError
 
+BOUNDARY_HEAD = "boundary_head."  # parameter-name prefix of MattingNet's boundary head
+
 
 # ----------------------------------------------------------------------------- losses on any device
 def _probabilities(x: Tensor, from_logits: bool) -> Tensor:
@@ -275,12 +277,12 @@ class StudentStage(Stage):
         if same and self.trains_boundary:
             # Stage 0 never trains a boundary head; start the student's from the teacher's, so that
             # the EMA averages trained heads into the teacher's from the first step.
-            heads = {k: v for k, v in teacher.state_dict().items() if k.startswith("boundary_head.")}
+            heads = {k: v for k, v in teacher.state_dict().items() if k.startswith(BOUNDARY_HEAD)}
             trained.load_state_dict(heads, strict=False)
         if self.args.ema == "on" or (self.args.ema == "auto" and same):
             from wsshm.ema import ModelEMA
             # A boundary head the student does not train must not be averaged into the teacher's.
-            keep = ("boundary_head.",) if self.args.ema_scope == "trained" and not self.trains_boundary else ()
+            keep = (BOUNDARY_HEAD,) if self.args.ema_scope == "trained" and not self.trains_boundary else ()
             self.ema = ModelEMA(teacher, momentum=self.args.ema_momentum, keep=keep)  # fp32 master before any cast
         self.teacher = teacher.to(dtype)
 
