@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from wsshm.data import build_loader  # noqa: E402
-from wsshm.data.fused import fused_prepare, fused_prepare_reference  # noqa: E402
+from wsshm.data.prepare import fused_prepare, fused_prepare_reference  # noqa: E402
 
 
 def median_time(fn, repeats: int, device: torch.device) -> float:
@@ -141,7 +141,7 @@ def main(argv=None) -> None:
     if args.quick:
         args.batch, args.size, args.repeats, args.batches, args.rounds = 4, 128, 3, 2, 1
     device = torch.device(args.device)
-    from wsshm.shards.demo import generate
+    from wsshm.shards.demo_data import generate
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
           f"{torch.get_num_threads()}, device {device}"

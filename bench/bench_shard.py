@@ -28,7 +28,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import webdataset as wds  # noqa: E402
 
-from wsshm.shards.samples import pair_folders  # noqa: E402
+from wsshm.shards.pairing import pair_folders  # noqa: E402
 from wsshm.shards.verify import verify  # noqa: E402
 from wsshm.shards.writer import convert  # noqa: E402
 

@@ -22,7 +22,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_prepare", &fused_prepare,
         "uint8 [B,H,W,3] crops -> [plain, strong] normalised NCHW views in one pass (optional "
         "compositing with alpha/background, optional per-sample jitter [B,4]); a view not asked for "
-        "is None. Python wrapper and reference: wsshm.data.fused.",
+        "is None. Python wrapper and reference: wsshm.data.prepare.",
         py::arg("image"), py::arg("alpha"), py::arg("background"), py::arg("jitter"), py::arg("plain"),
         py::arg("bf16"), py::arg("mean"), py::arg("std"));
 }

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from wsshm import _C
-from wsshm.data.fused import fused_prepare, fused_prepare_reference
+from wsshm.data.prepare import fused_prepare, fused_prepare_reference
 from wsshm.image import normalize_uint8
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"

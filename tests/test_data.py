@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 
 from wsshm.data import DataError, build_loader, params
-from wsshm.data.fused import fused_prepare_reference
+from wsshm.data.prepare import fused_prepare_reference
 from wsshm.image import denormalize, normalize_uint8
 from wsshm.shards import read_manifest, select_subset
-from wsshm.shards.samples import pair_folders
+from wsshm.shards.pairing import pair_folders
 from wsshm.shards.writer import convert, sha256_file, write_index
 
 BACKENDS = ["torch", "dali"]
@@ -23,7 +23,7 @@ REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from wsshm.shards.demo import generate
+    from wsshm.shards.demo_data import generate
 
     return generate(tmp_path_factory.mktemp("demo"), size=96, mattes=8, backgrounds=8, seg=16, eval_natural=1,
                     eval_synthetic=1)

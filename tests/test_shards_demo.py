@@ -9,8 +9,8 @@ import webdataset as wds
 from PIL import Image
 
 from wsshm.shards import index_paths, read_manifest, shard_paths, verify
-from wsshm.shards.demo import DEFAULTS, generate, natural, synthetic
-from wsshm.shards.samples import pair_folders
+from wsshm.shards.demo_data import DEFAULTS, generate, natural, synthetic
+from wsshm.shards.pairing import pair_folders
 from wsshm.shards.writer import convert
 
 REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"

@@ -52,7 +52,7 @@ def one_process():
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory, one_process):
     """Demo data, a stage-0 model and a stage-1 teacher fine-tuned from it."""
-    from wsshm.shards.demo import generate
+    from wsshm.shards.demo_data import generate
     root = tmp_path_factory.mktemp("mlb")
     data = {k: Path(v) for k, v in generate(root / "data", size=64, mattes=8, backgrounds=4, seg=16,
                                             eval_natural=4, eval_synthetic=1).items()}

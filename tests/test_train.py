@@ -24,7 +24,7 @@ ARCH = "unet_r18_w0.25"
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from wsshm.shards.demo import generate
+    from wsshm.shards.demo_data import generate
     out = tmp_path_factory.mktemp("demo")
     return {k: Path(v) for k, v in generate(out, size=64, mattes=4, backgrounds=4, seg=8, eval_natural=2,
                                             eval_synthetic=2).items()}

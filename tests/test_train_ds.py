@@ -84,7 +84,7 @@ def pipeline(shared):
     root = shared
     with one_run_at_a_time(shared):
         if not (root / "teacher" / "teacher.safetensors").exists():
-            from wsshm.shards.demo import generate
+            from wsshm.shards.demo_data import generate
             generate(root / "data", size=64, mattes=6, backgrounds=4, seg=12, eval_natural=1, eval_synthetic=1)
             finish(launch("pretrain_seg.py", "--out", root / "pretrain", "--seg", root / "data" / "seg",
                           "--steps", "4", "--save-every", "2", zero=2))

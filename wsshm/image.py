@@ -10,6 +10,10 @@ from torch import Tensor
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Grey as torchvision computes it (ITU-R 601 luma), for colour jitter in Python and C++ alike.
+GREY_WEIGHTS = (0.2989, 0.587, 0.114)
+# What counts as an image file in a user's folder (lower-case suffixes; OpenCV and PIL read them all).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 
 
 def normalize_uint8(images: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:

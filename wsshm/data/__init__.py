@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from wsshm.data.finish import FORMS, OPS
-from wsshm.data.fused import fused_prepare, fused_prepare_reference
+from wsshm.data.forms import FORMS, OPS
+from wsshm.data.prepare import fused_prepare, fused_prepare_reference
 from wsshm.data.params import AugmentConfig
 from wsshm.data.samples import DataError, open_shard_set
 

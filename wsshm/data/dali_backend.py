@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from wsshm.data import params
-from wsshm.data.finish import finish_batch
+from wsshm.data.forms import finish_batch
 from wsshm.data.samples import DataError, ShardSet
 
 EXTENSIONS = {"matte": ["fg.jpg;fg.png", "alpha.png"], "seg": ["jpg;png", "mask.png"], "background": ["jpg;png"]}

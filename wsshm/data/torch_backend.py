@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from wsshm.data import params
-from wsshm.data.finish import finish_batch
+from wsshm.data.forms import finish_batch
 from wsshm.data.samples import IMAGE_MEMBERS, LABEL_MEMBER, Sample, ShardSet
 
 

@@ -7,8 +7,8 @@ import re
 import sys
 
 from .images import DEFAULT_MAX_PIXELS
-from .manifest import ERRORS
-from .samples import pair_folders
+from .layout import ERRORS
+from .pairing import pair_folders
 from .verify import verify
 from .writer import ConversionError, convert
 
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
             failed += bool(problems)
         return 1 if failed else 0
     if args.command == "demo":
-        from .demo import generate
+        from .demo_data import generate
 
         folders = generate(args.out, size=args.size, mattes=args.mattes, backgrounds=args.backgrounds, seg=args.seg,
                            eval_natural=args.eval_natural, eval_synthetic=args.eval_synthetic, seed=args.seed,

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .images import decode_member
-from .manifest import LABEL_MEMBERS, OPTIONAL_MEMBERS, ShardFolderError, image_member, index_name, read_manifest
+from .layout import LABEL_MEMBERS, OPTIONAL_MEMBERS, ShardFolderError, image_member, index_name, read_manifest
 from .writer import sha256_file, write_index
 
 

@@ -21,8 +21,8 @@ from tqdm import tqdm
 from wds2idx import IndexCreator
 
 from wsshm.atomic import atomic_path
-from .manifest import ERRORS, MANIFEST, TOOL_VERSION, index_name, select_subset, write_json_atomic
-from .samples import Scan, build_sample
+from .layout import ERRORS, MANIFEST, TOOL_VERSION, index_name, select_subset, write_json_atomic
+from .pairing import Scan, build_sample
 
 FIXED_MTIME = 946684800  # 2000-01-01: member timestamps fixed so the same input gives the same sha256
 

@@ -33,8 +33,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from .manifest import ShardFolderError, read_manifest
-from .samples import pair_folders
+from .layout import ShardFolderError, read_manifest
+from .pairing import pair_folders
 from .writer import convert
 
 SS = 4  # supersampling factor for coverage (alpha) rendering
@@ -399,7 +399,7 @@ def generate(out_dir, size=256, mattes=48, backgrounds=64, seg=160, eval_natural
         src = Path(tmp)
         for kind, count in counts.items():
             folders[kind] = str(out / kind)
-            source = {"generator": "wsshm.shards.demo", "version": GENERATOR_VERSION, "domain": kind, "size": size,
+            source = {"generator": "wsshm.shards.demo_data", "version": GENERATOR_VERSION, "domain": kind, "size": size,
                       "count": count, "seed": seed}
             try:
                 if read_manifest(out / kind).get("source") == source:

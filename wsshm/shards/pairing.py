@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .images import BadInput, load_grey, load_rgb, split_rgba
-from .manifest import image_member, sample_key
+from .layout import image_member, sample_key
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 # Tar names longer than this do not fit a USTAR header (which DALI's reader expects).

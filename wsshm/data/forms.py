@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from wsshm.data.fused import fused_prepare, fused_prepare_reference
+from wsshm.data.prepare import fused_prepare, fused_prepare_reference
 
 OPS = {"csrc": fused_prepare, "torch": fused_prepare_reference}
 FORMS = ("pretrain", "teacher", "student")
