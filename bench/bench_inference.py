@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from wsshm.export import calibration_inputs, export_onnx, quantize_int8  # noqa: E402
 from wsshm.inference import predict_mattes  # noqa: E402
 from wsshm.metrics import evaluate_pair  # noqa: E402
-from wsshm.models import build_model, load_weights  # noqa: E402
+from wsshm.models import build_model, load_weights, split_output  # noqa: E402
 
 REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
 PAPER = {"unet_r18_w0.5": (328.9, 43.7), "unet_r18": (222.2, 18.7), "unet_r101": (58.3, 5.0)}
@@ -70,25 +70,16 @@ class OrtModule(nn.Module):
         return torch.from_numpy(self.session.run(None, {"image": x.contiguous().numpy()})[0])
 
 
-class Autocast(nn.Module):
-    def __init__(self, model: nn.Module, dtype: torch.dtype):
-        super().__init__()
-        self.model, self.dtype = model, dtype
-
-    def forward(self, x):
-        with torch.autocast("cpu", dtype=self.dtype):
-            out = self.model(x)
-        return (out[0] if isinstance(out, (tuple, list)) else out).float()
-
-
 class MatteOnly(nn.Module):
-    def __init__(self, model: nn.Module):
+    """``forward(x) -> matte`` in fp32; with ``autocast`` the network runs under CPU autocast."""
+
+    def __init__(self, model: nn.Module, autocast: torch.dtype | None = None):
         super().__init__()
-        self.model = model
+        self.model, self.autocast = model, autocast
 
     def forward(self, x):
-        out = self.model(x)
-        return out[0] if isinstance(out, (tuple, list)) else out
+        with torch.autocast("cpu", dtype=self.autocast, enabled=self.autocast is not None):
+            return split_output(self.model(x))[0].float()
 
 
 class ChannelsLastInput(nn.Module):
@@ -106,7 +97,7 @@ def build_backend(name: str, model: nn.Module, workdir: str, threads: int, calib
         return MatteOnly(model)
     if name.startswith(("eager-cl", "compile-cl")):
         net: nn.Module = copy.deepcopy(model).to(memory_format=torch.channels_last)
-        net = Autocast(net, torch.bfloat16) if name.endswith("bf16") else MatteOnly(net)
+        net = MatteOnly(net, torch.bfloat16 if name.endswith("bf16") else None)
         if name.startswith("compile"):
             # freezing folds BN into convs and lets oneDNN pre-pack the weights
             torch._inductor.config.freezing = True

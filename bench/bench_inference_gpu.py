@@ -25,7 +25,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_inference import PAPER  # noqa: E402  (the paper's Table 1: GPU, CPU images/s)
-from wsshm.models import build_model  # noqa: E402
+from wsshm.models import build_model, split_output  # noqa: E402
 
 BACKENDS = ("eager", "eager-cl-bf16", "graph-cl-bf16", "compile-cl-bf16")
 
@@ -43,8 +43,7 @@ class Matte(nn.Module):
 
     def forward(self, x):
         x = x.to(self.dtype, memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
-        out = self.model(x)
-        return (out[0] if isinstance(out, (tuple, list)) else out).float()
+        return split_output(self.model(x))[0].float()
 
 
 class GraphReplay(nn.Module):

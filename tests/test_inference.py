@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsshm.image import IMAGENET_MEAN, IMAGENET_STD, normalize_uint8
-from wsshm.inference import predict_matte, predict_mattes, test_time_size
+from wsshm.inference import network_input, predict_matte, predict_mattes, test_time_size
 from wsshm.models import build_model
 
 
@@ -88,6 +88,7 @@ def test_real_network_follows_the_protocol(tiny_net):
     x = normalize_uint8(torch.from_numpy(image))
     x = F.interpolate(x, size=test_time_size(45, 70, short_side=64), mode="bilinear", align_corners=False,
                       antialias=True)
+    torch.testing.assert_close(network_input(image, short_side=64), x, rtol=0, atol=0)  # export calibrates on it
     with torch.no_grad():
         expected = F.interpolate(tiny_net(x)[0], size=(45, 70), mode="bilinear", align_corners=False)
     assert matte.shape == (45, 70) and matte.dtype == np.float32

@@ -9,8 +9,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 import wsshm.models.io
-from wsshm.models import (MattingNet, ResNetEncoder, build_model, canonical_arch, list_models,
-                          load_torchvision_encoder, load_weights, matte_logits, register_model, save_weights)
+from wsshm.models import (MattingNet, ResNetEncoder, build_model, canonical_arch, forward_maps, has_logits,
+                          list_models, load_torchvision_encoder, load_weights, probabilities, register_model,
+                          save_weights, split_output)
 
 # torchvision.models.resnetN(): parameter count minus fc (fc = 512*1000+1000 or 2048*1000+1000) and
 # len(state_dict()) including fc.weight/fc.bias, as torchvision reports them.
@@ -65,12 +66,14 @@ def test_forward_shapes_ranges_and_logits(name, shape):
     with torch.no_grad():
         matte, boundary = model(x)
         matte_logit, boundary_logit = model.forward_logits(x)
-        logit = matte_logits(model, x)
+        assert has_logits(model)
+        read_logits = forward_maps(model, x, logits=True)
     assert matte.shape == boundary.shape == (shape[0], 1, *shape[2:])
     assert 0 < float(matte.min()) and float(matte.max()) < 1
     torch.testing.assert_close(matte, torch.sigmoid(matte_logit))
     torch.testing.assert_close(boundary, torch.sigmoid(boundary_logit))
-    torch.testing.assert_close(logit, matte_logit)
+    torch.testing.assert_close(read_logits, (matte_logit, boundary_logit), rtol=0, atol=0)
+    torch.testing.assert_close(probabilities(matte_logit, from_logits=True), matte)
     assert not torch.equal(matte, boundary)  # two distinct heads
 
 
@@ -128,13 +131,34 @@ def test_custom_student_registers_saves_and_loads(tmp_path):
     register_model("test_matte_only", MatteOnly)
     model = build_model("test_matte_only", channels=7)
     assert model.arch == "test_matte_only" and "test_matte_only" in list_models()
-    assert matte_logits(model, torch.zeros(1, 3, 32, 32)) is None
+    assert not has_logits(model)
+    with torch.no_grad():
+        matte, boundary = forward_maps(model, torch.zeros(1, 3, 32, 32))
+    assert boundary is None and matte.shape == (1, 1, 32, 32) and float(matte.max()) < 1
     save_weights(model, tmp_path / "custom.safetensors")
     loaded = load_weights(tmp_path / "custom.safetensors")
     assert isinstance(loaded, MatteOnly) and loaded.channels == 7
     torch.testing.assert_close(loaded.conv.weight, model.conv.weight, rtol=0, atol=0)
     with pytest.raises(ValueError, match="built-in"):
         register_model("unet_r18", MatteOnly)
+
+
+def test_split_output_and_probabilities():
+    matte, boundary = torch.full((1, 1, 2, 2), 0.25), torch.full((1, 1, 2, 2), 0.75)
+    assert split_output(matte) == (matte, None)
+    assert split_output((matte, boundary)) == (matte, boundary)
+    assert split_output([matte]) == (matte, None)
+    for bad in ((matte, boundary, matte), {"matte": matte}):
+        with pytest.raises(TypeError, match="matte tensor or \\(matte, boundary\\)"):
+            split_output(bad)
+    logit = torch.tensor([-2.0, 0.0, 3.0], dtype=torch.bfloat16)
+    p = probabilities(logit, from_logits=True)
+    assert p.dtype == torch.float32
+    torch.testing.assert_close(p, torch.tensor([0.1192029, 0.5, 0.9525741]))
+    q = probabilities(torch.tensor([0.25], dtype=torch.float16), from_logits=False)
+    assert q.dtype == torch.float32 and float(q) == 0.25
+    double = torch.tensor([0.3], dtype=torch.float64)
+    assert probabilities(double, from_logits=False) is double  # kept for gradcheck
 
 
 def test_save_load_round_trip(tmp_path):
@@ -174,20 +198,20 @@ def test_load_errors_name_the_file(tmp_path):
     corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
     with pytest.raises(ValueError, match=f"{corrupt}: not a readable safetensors file"):
         load_weights(corrupt)
-    unknown = tmp_path / "unknown.safetensors"
-    save_file({"w": torch.zeros(2)}, unknown, metadata={"arch": "unet_r7"})
-    with pytest.raises(ValueError, match=f"{unknown}: cannot build arch 'unet_r7'"):
-        load_weights(unknown)
-    no_arch = tmp_path / "no_arch.safetensors"
-    save_file({"w": torch.zeros(2)}, no_arch)
-    with pytest.raises(ValueError, match=f"{no_arch}: no 'arch'"):
-        load_weights(no_arch)
-    wrong = tmp_path / "wrong.safetensors"
-    save_file({"w": torch.zeros(2)}, wrong, metadata={"arch": "unet_r18_w0.25"})
-    with pytest.raises(ValueError, match=f"{wrong}: the weights do not fit a 'unet_r18_w0.25'"):
-        load_weights(wrong)
     with pytest.raises(ValueError, match="has no .arch"):
         save_weights(nn.Linear(2, 2), tmp_path / "x.safetensors")
+
+
+@pytest.mark.parametrize("metadata, message", [
+    ({"arch": "unet_r7"}, "cannot build arch 'unet_r7'"),
+    (None, "no 'arch'"),
+    ({"arch": "unet_r18_w0.25"}, "the weights do not fit a 'unet_r18_w0.25'"),
+])
+def test_bad_metadata_errors_name_the_file(tmp_path, metadata, message):
+    path = tmp_path / "bad.safetensors"
+    save_file({"w": torch.zeros(2)}, path, metadata=metadata)
+    with pytest.raises(ValueError, match=f"{path}: {message}"):
+        load_weights(path)
 
 
 class _Payload:

@@ -26,14 +26,20 @@ import torch
 from torch import nn
 
 from wsshm.atomic import atomic_path
-from wsshm.image import IMAGENET_MEAN, IMAGENET_STD
+from wsshm.image import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, normalize_uint8
+from wsshm.inference import MULTIPLE, network_input
+from wsshm.models import load_weights, split_output
 
 # Max |onnxruntime - PyTorch| on the matte, both in [0, 1], for a random image.
 TOLERANCE_FP32 = 1e-4
 TOLERANCE_FP16 = 2e-2
 # int8 moves single pixels a lot more (0.39 at worst on the demo student); check the mean instead.
 TOLERANCE_INT8_MEAN = 2e-2
-MULTIPLE = 32
+
+
+def tolerance(fp16: bool = False, int8: bool = False) -> float:
+    """What ``verify_onnx`` allows: the largest |difference| for fp32 and fp16, the mean one for int8."""
+    return TOLERANCE_INT8_MEAN if int8 else TOLERANCE_FP16 if fp16 else TOLERANCE_FP32
 
 
 class ExportWrapper(nn.Module):
@@ -46,12 +52,12 @@ class ExportWrapper(nn.Module):
         self.fp16 = fp16
 
     def forward(self, image: torch.Tensor):
-        out = self.model(image.half() if self.fp16 else image)
-        if not isinstance(out, (tuple, list)):
-            if self.with_boundary:
-                raise ValueError("--with-boundary: this network returns only a matte")
-            return out.float()
-        return (out[0].float(), out[1].float()) if self.with_boundary else out[0].float()
+        matte, boundary = split_output(self.model(image.half() if self.fp16 else image))
+        if not self.with_boundary:
+            return matte.float()
+        if boundary is None:
+            raise ValueError("--with-boundary: this network returns only a matte")
+        return matte.float(), boundary.float()
 
 
 def export_onnx(model: nn.Module, path: str, with_boundary: bool = False, fp16: bool = False,
@@ -82,27 +88,23 @@ def export_onnx(model: nn.Module, path: str, with_boundary: bool = False, fp16: 
 
 
 def calibration_inputs(folder: str, limit: int = 8) -> list[np.ndarray]:
-    """Up to ``limit`` photos of ``folder``, as the network sees them under the test-time protocol."""
-    import torch.nn.functional as F
-    from PIL import Image
-
-    from wsshm.image import normalize_uint8
-    from wsshm.inference import test_time_size
+    """Up to ``limit`` photos of ``folder``, read as ``wsshm-predict`` reads them and shaped as the
+    network sees them under the test-time protocol."""
+    from wsshm.predict import read_rgb
 
     if not os.path.isdir(folder):
         raise ValueError(f"{folder}: calibration folder not found")
-    files = sorted(f for f in os.listdir(folder) if f.lower().endswith((".jpg", ".jpeg", ".png")))[:limit]
+    files = sorted(f for f in os.listdir(folder) if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES)[:limit]
     inputs = []
     for name in files:
+        path = os.path.join(folder, name)
         try:
-            photo = np.array(Image.open(os.path.join(folder, name)).convert("RGB"))
+            photo = read_rgb(path)
         except OSError as error:
-            raise ValueError(f"{os.path.join(folder, name)}: unreadable calibration image ({error})") from None
-        x = normalize_uint8(torch.from_numpy(photo))
-        inputs.append(F.interpolate(x, size=test_time_size(*photo.shape[:2]), mode="bilinear",
-                                    align_corners=False, antialias=True).numpy())
+            raise ValueError(f"{path}: unreadable calibration image ({error})") from None
+        inputs.append(network_input(photo).numpy())
     if not inputs:
-        raise ValueError(f"{folder}: no .jpg/.png calibration photos")
+        raise ValueError(f"{folder}: no calibration photos ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return inputs
 
 
@@ -138,8 +140,6 @@ def verify_onnx(model: nn.Module, path: str, with_boundary: bool = False, fp16: 
     """
     import onnxruntime as ort
 
-    from wsshm.image import normalize_uint8
-
     providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
     session = ort.InferenceSession(path, providers=providers)
     reference = ExportWrapper(model, with_boundary=with_boundary).eval()
@@ -150,23 +150,21 @@ def verify_onnx(model: nn.Module, path: str, with_boundary: bool = False, fp16: 
         x = normalize_uint8(images)
         got = session.run(None, {"image": x.numpy()})
         with torch.inference_mode():
-            expected = reference(x)
-        expected = expected if isinstance(expected, tuple) else (expected,)
+            expected = [e for e in split_output(reference(x)) if e is not None]
         for name, g, e in zip(("matte", "boundary"), got, expected):
             if g.shape != tuple(e.shape):
                 raise AssertionError(f"{path}: {name} has shape {g.shape}, PyTorch gives {tuple(e.shape)}")
             difference = np.abs(g - e.numpy())
             worst = max(worst, float(difference.max()))
             total, count = total + float(difference.sum()), count + difference.size
+    bound = tolerance(fp16, int8)
     if int8:
         mean = total / count
-        if mean > TOLERANCE_INT8_MEAN:
-            raise AssertionError(f"{path}: int8 onnxruntime differs from PyTorch by {mean:.3g} on average "
-                                 f"> {TOLERANCE_INT8_MEAN:g}")
+        if mean > bound:
+            raise AssertionError(f"{path}: int8 onnxruntime differs from PyTorch by {mean:.3g} on average > {bound:g}")
         return mean
-    tolerance = TOLERANCE_FP16 if fp16 else TOLERANCE_FP32
-    if worst > tolerance:
-        raise AssertionError(f"{path}: onnxruntime differs from PyTorch by {worst:.3g} > {tolerance:g}")
+    if worst > bound:
+        raise AssertionError(f"{path}: onnxruntime differs from PyTorch by {worst:.3g} > {bound:g}")
     return worst
 
 
@@ -183,8 +181,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.int8 and (args.fp16 or not args.calibration):
         parser.error("--int8 needs --calibration DIR and excludes --fp16")
-
-    from wsshm.models import load_weights
 
     try:
         model = load_weights(args.weights, map_location="cpu").eval()
@@ -210,12 +206,12 @@ def main(argv=None) -> int:
     except AssertionError as error:
         print(f"wsshm-export: check failed: {error}", file=sys.stderr)
         return 1
+    bound = tolerance(args.fp16, args.int8)
     if args.int8:
-        print(f"onnxruntime int8 vs PyTorch fp32: mean |difference| {worst:.2e} <= {TOLERANCE_INT8_MEAN:g} "
+        print(f"onnxruntime int8 vs PyTorch fp32: mean |difference| {worst:.2e} <= {bound:g} "
               "(check the accuracy on your evaluation set)")
     else:
-        tolerance = TOLERANCE_FP16 if args.fp16 else TOLERANCE_FP32
-        print(f"onnxruntime matches PyTorch: max |difference| {worst:.2e} <= {tolerance:g}")
+        print(f"onnxruntime matches PyTorch: max |difference| {worst:.2e} <= {bound:g}")
     return 0
 
 

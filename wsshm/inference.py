@@ -16,9 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsshm.image import normalize_uint8
+from wsshm.models import split_output
+
+SHORT_SIDE = 512  # SPEC: the shorter side at test time
+MULTIPLE = 32  # SPEC: both test-time sides are multiples of this
 
 
-def test_time_size(h: int, w: int, short_side: int = 512, multiple: int = 32) -> tuple[int, int]:
+def test_time_size(h: int, w: int, short_side: int = SHORT_SIDE, multiple: int = MULTIPLE) -> tuple[int, int]:
     """Network input size for an ``h x w`` image.
 
     Scale so the shorter side becomes ``short_side``, then round each side to the nearest multiple
@@ -38,14 +42,24 @@ def test_time_size(h: int, w: int, short_side: int = 512, multiple: int = 32) ->
 test_time_size.__test__ = False  # not a pytest test, though test files import it by this name
 
 
+def network_input(image: np.ndarray, short_side: int = SHORT_SIDE,
+                  device: torch.device | str | None = None) -> torch.Tensor:
+    """A uint8 RGB ``H x W x 3`` image as the network sees it at test time: normalised float
+    ``[1, 3, h, w]`` at ``test_time_size``."""
+    x = normalize_uint8(torch.tensor(image, device=device))  # a copy: decoded images may be read-only
+    size = test_time_size(*image.shape[:2], short_side=short_side)
+    # antialias keeps large photos from aliasing when they are shrunk to 512
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def default_device(name: str | None = None) -> torch.device:
+    """``name`` (e.g. a ``--device`` option) or, when it is ``None``, CUDA when available, else the CPU."""
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def _model_device(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
-
-
-def _matte_of(output) -> torch.Tensor:
-    """The matte of a student: ``(matte, boundary)`` or a lone ``[B, 1, H, W]`` matte."""
-    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 @contextlib.contextmanager
@@ -58,18 +72,14 @@ def _eval_mode(model: nn.Module):
         model.train(was_training)
 
 
-def _predict_batch(model: nn.Module, images: Sequence[np.ndarray], size: tuple[int, int],
+def _predict_batch(model: nn.Module, images: Sequence[np.ndarray], short_side: int,
                    device: torch.device, dtype: torch.dtype | None) -> list[np.ndarray]:
-    inputs = []
-    for image in images:
-        x = normalize_uint8(torch.tensor(image, device=device))  # a copy: decoded images may be read-only
-        # antialias keeps large photos from aliasing when they are shrunk to 512
-        inputs.append(F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True))
-    batch = torch.cat(inputs)
+    """Mattes of images that share a test-time size, in one network call."""
+    batch = torch.cat([network_input(image, short_side, device) for image in images])
     autocast = (torch.autocast(device.type, dtype=dtype)
                 if dtype is not None and dtype != torch.float32 else contextlib.nullcontext())
     with torch.inference_mode(), autocast:
-        mattes = _matte_of(model(batch)).float()
+        mattes = split_output(model(batch))[0].float()
     out = []
     for matte, image in zip(mattes, images):
         back = F.interpolate(matte[None], size=image.shape[:2], mode="bilinear", align_corners=False)
@@ -83,7 +93,7 @@ def _check_image(image: np.ndarray, index: int) -> None:
         raise ValueError(f"image {index}: expected uint8 H x W x 3 RGB, got {desc}")
 
 
-def predict_mattes(model: nn.Module, images: Sequence[np.ndarray], short_side: int = 512,
+def predict_mattes(model: nn.Module, images: Sequence[np.ndarray], short_side: int = SHORT_SIDE,
                    device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                    batch_size: int = 8) -> list[np.ndarray]:
     """Mattes (float32 ``H x W`` in [0, 1], each at its image's size) for uint8 RGB ``H x W x 3``
@@ -98,16 +108,16 @@ def predict_mattes(model: nn.Module, images: Sequence[np.ndarray], short_side: i
         groups.setdefault(test_time_size(*image.shape[:2], short_side=short_side), []).append(index)
     results: list[np.ndarray | None] = [None] * len(images)
     with _eval_mode(model):
-        for size, indices in groups.items():
+        for indices in groups.values():
             for start in range(0, len(indices), batch_size):
                 chunk = indices[start:start + batch_size]
-                mattes = _predict_batch(model, [images[i] for i in chunk], size, device, dtype)
+                mattes = _predict_batch(model, [images[i] for i in chunk], short_side, device, dtype)
                 for i, matte in zip(chunk, mattes):
                     results[i] = matte
     return results  # type: ignore[return-value]
 
 
-def predict_matte(model: nn.Module, image_uint8_hwc: np.ndarray, short_side: int = 512,
+def predict_matte(model: nn.Module, image_uint8_hwc: np.ndarray, short_side: int = SHORT_SIDE,
                   device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> np.ndarray:
     """The matte of one uint8 RGB ``H x W x 3`` image: float32 ``H x W`` in [0, 1]."""
     return predict_mattes(model, [image_uint8_hwc], short_side=short_side, device=device, dtype=dtype)[0]

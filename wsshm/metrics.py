@@ -12,8 +12,8 @@ import math
 import numpy as np
 from scipy import ndimage
 
-BOUNDARY_LOW = 0.05
-BOUNDARY_HIGH = 0.95
+from wsshm.losses import BOUNDARY_HIGH, BOUNDARY_LOW
+
 GRAD_SIGMA = 1.4
 CONN_STEP = 0.1
 CONN_THETA = 0.15

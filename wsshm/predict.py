@@ -21,9 +21,10 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from wsshm.atomic import atomic_path
-from wsshm.inference import predict_mattes
+from wsshm.image import IMAGE_SUFFIXES
+from wsshm.inference import SHORT_SIDE, default_device, predict_mattes
+from wsshm.models import load_weights
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -60,7 +61,7 @@ def collect_inputs(paths: list[str]) -> tuple[list[tuple[Path, str]], list[str]]
     return unique, problems
 
 
-def read_rgb(path: Path) -> np.ndarray:
+def read_rgb(path: str | Path) -> np.ndarray:
     """uint8 ``H x W x 3`` RGB, EXIF orientation applied."""
     with Image.open(path) as image:
         image = ImageOps.exif_transpose(image)
@@ -72,8 +73,9 @@ def write_png_atomic(array: np.ndarray, path: Path) -> None:
         Image.fromarray(array).save(tmp, format="PNG")
 
 
-def write_outputs(image: np.ndarray, matte: np.ndarray, name: str, out: Path,
-                  colour: tuple[int, int, int] | None, background: np.ndarray | None) -> None:
+def write_prediction(image: np.ndarray, matte: np.ndarray, name: str, out: Path,
+                     colour: tuple[int, int, int] | None, background: np.ndarray | None) -> None:
+    """``alpha/<name>.png``, ``cutout/<name>.png`` and, given a colour or background, ``composite/<name>.png``."""
     alpha8 = np.round(matte * 255.0).astype(np.uint8)
     write_png_atomic(alpha8, out / "alpha" / f"{name}.png")
     write_png_atomic(np.dstack([image, alpha8]), out / "cutout" / f"{name}.png")
@@ -101,12 +103,13 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="default: 16 on GPU, 1 on CPU")
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default=None,
                         help="network compute precision; default fp16 on GPU, fp32 on CPU")
-    parser.add_argument("--short-side", type=int, default=512, help="test-time shorter side (SPEC: 512)")
+    parser.add_argument("--short-side", type=int, default=SHORT_SIDE,
+                        help=f"test-time shorter side (SPEC: {SHORT_SIDE})")
     args = parser.parse_args(argv)
 
     if args.batch_size is not None and args.batch_size < 1:
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(args.device)
     on_gpu = device.type == "cuda"
     batch_size = args.batch_size or (16 if on_gpu else 1)
     precision = PRECISIONS[args.precision or ("fp16" if on_gpu else "fp32")]
@@ -116,8 +119,6 @@ def main(argv=None) -> int:
             background = read_rgb(Path(args.background))
         except Exception as error:
             parser.error(f"--background {args.background}: cannot read image ({error})")
-
-    from wsshm.models import load_weights
 
     try:
         model = load_weights(args.weights, map_location="cpu").to(device).eval()
@@ -136,7 +137,7 @@ def main(argv=None) -> int:
         mattes = predict_mattes(model, [image for _, image in chunk], short_side=args.short_side,
                                 device=device, dtype=precision, batch_size=batch_size)
         for (name, image), matte in zip(chunk, mattes):
-            write_outputs(image, matte, name, out, args.composite, background)
+            write_prediction(image, matte, name, out, args.composite, background)
         count = len(chunk)
         chunk.clear()
         return count

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
@@ -75,10 +74,3 @@ def load_torchvision_encoder(model: nn.Module, state_dict: dict[str, Tensor]) ->
         raise ValueError(f"the state dict does not fit the resnet{encoder.depth} encoder{hint}: {error}") from None
     return model
 
-
-def matte_logits(model: nn.Module, x: Tensor) -> Tensor | None:
-    """The matte logit of ``model`` on ``x`` if it has ``forward_logits``, else ``None``."""
-    if not hasattr(model, "forward_logits"):
-        return None
-    out = model.forward_logits(x)
-    return out if isinstance(out, torch.Tensor) else out[0]

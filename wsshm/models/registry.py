@@ -44,7 +44,7 @@ def register_model(name: str, factory: Callable[..., nn.Module]) -> None:
     """Make ``build_model(name, **kw)`` (and so ``load_weights``) build ``factory(**kw)``.
 
     The module's ``forward(x)`` must return ``(matte, boundary)`` or a matte ``[B,1,H,W]`` in
-    [0, 1]; an optional ``forward_logits(x)`` returns the pre-sigmoid maps.
+    [0, 1]; an optional ``forward_logits(x)`` returns the pre-sigmoid maps (see ``outputs.py``).
     """
     if _parse_unet(name) is not None:
         raise ValueError(f"'{name}' is a built-in U-Net name; register custom models under another name")

@@ -76,7 +76,6 @@ class MattingNet(nn.Module):
     ``x`` is ImageNet-normalised RGB ``[B, 3, H, W]`` with ``H`` and ``W`` multiples of 16 (the
     output stride; the project's test-time protocol uses multiples of 32).
     """
-    output_stride = OUTPUT_STRIDE
 
     def __init__(self, depth: int = 18, width: float = 1.0, aspp_rates=ASPP_RATES, in_channels: int = 3):
         super().__init__()
