@@ -90,8 +90,8 @@ def bench_loaders(folders: dict, batch: int, size: int, batches: int, workers: i
     """Loaders take turns, a fresh one per round (order reversed every other round), so a change in
     the machine's load hits each alike; the ratio is taken per round, then the median. CPU time per
     image (process + workers) is the load-independent cost."""
-    variants = [("DALI pipeline", "dali", "csrc"), ("PyTorch loader (csrc op)", "torch", "csrc"),
-                ("PyTorch loader (plain torch ops)", "torch", "torch")]
+    variants = [("DALI pipeline", "dali", fused_prepare), ("PyTorch loader (csrc op)", "torch", fused_prepare),
+                ("PyTorch loader (plain torch ops)", "torch", fused_prepare_reference)]
     try:
         import nvidia.dali  # noqa: F401
     except ImportError:
@@ -104,10 +104,11 @@ def bench_loaders(folders: dict, batch: int, size: int, batches: int, workers: i
         rates = {name: [] for name, _, _ in variants}
         cpu_ms = {name: [] for name, _, _ in variants}
         for r in range(rounds):
-            for name, backend, op in variants if r % 2 == 0 else variants[::-1]:
+            for name, backend, prepare in variants if r % 2 == 0 else variants[::-1]:
                 loader = build_loader(form, seg=folders["seg"], matte=folders["matte"],
                                       background=folders["background"], batch_size=batch, crop_sizes=size,
-                                      backend=backend, op=op, num_workers=workers, device=device, verify=False)
+                                      backend=backend, num_workers=workers, device=device)
+                loader.prepare = prepare  # the last step: the fused op or its plain-torch reference
                 for _ in range(2):  # warm-up: workers / pipeline start
                     next(loader)
                 t, c = time.perf_counter(), cpu_seconds()

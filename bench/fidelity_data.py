@@ -16,6 +16,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from wsshm.image import IMAGE_SUFFIXES
 from wsshm.train.launch import run_logged
 
 DEMO_SIZE = 128  # 128 x 96 images, as in wsshm/demo.py
@@ -45,7 +46,7 @@ def _link_files(files: list[Path], folder: Path) -> None:
 
 def split_ccp(ccp: Path, split: Path) -> dict[str, Path]:
     """``split/ccp-train`` and ``split/ccp-heldout``, each with ``images/`` and ``masks/`` of links."""
-    images = sorted(p for p in (ccp / "images").iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    images = sorted(p for p in (ccp / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     parts = {"ccp-train": images[:-HELDOUT], "ccp-heldout": images[-HELDOUT:]}
     for name, files in parts.items():
         masks = [next((ccp / "masks").glob(p.stem + ".*"), ccp / "masks" / (p.stem + ".png")) for p in files]

@@ -15,7 +15,10 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from wsshm.shards import ShardFolderError, index_paths, read_manifest, select_subset, shard_paths, verify
+from wsshm.shards import (ShardFolderError, check_folder, index_paths, read_manifest, read_samples, select_subset,
+                          shard_paths, verify)
+from wsshm.shards.layout import split_member
+from wsshm.shards.reader import scan_tar
 from wsshm.shards.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -315,6 +318,60 @@ def test_verify_finds_damage_and_cli_exits_nonzero(tmp_path, capsys):
     assert main(["verify", str(out)]) == 1
     assert verify(tmp_path) == [f"{tmp_path / 'manifest.json'}: no manifest (not a shard folder, or a conversion that "
                                 "never started)"]
+
+
+def test_check_folder_refuses_unusable_folders_in_one_line(tmp_path):
+    src = _folder(tmp_path, n=6)
+    out = tmp_path / "out"
+    assert run("seg", "--images", src / "img", "--masks", src / "msk", "--out", out, "--maxcount", 3) == 0
+    assert check_folder(out, "seg", 6)["count"] == 6 and check_folder(out)["kind"] == "seg"
+    cases = [((None, "seg"), "no seg shard folder given"), ((tmp_path / "nowhere",), "shard folder not found"),
+             ((src,), "no manifest"), ((out, "matte"), "holds 'seg' shards where 'matte' shards are needed"),
+             ((out, "seg", 7), "holds 6 samples; cannot select 7"), ((out, "seg", 0), "cannot select 0")]
+    (tmp_path / "none" / "img").mkdir(parents=True)
+    (tmp_path / "none" / "img" / "a.jpg").write_text("not a picture")
+    save(tmp_path / "none" / "msk" / "a.png", grey(values=(0, 255)))
+    assert run("seg", "--images", tmp_path / "none" / "img", "--masks", tmp_path / "none" / "msk",
+               "--out", tmp_path / "empty") == 2
+    cases.append(((tmp_path / "empty",), "holds no samples"))
+    for args, message in cases:
+        with pytest.raises(ShardFolderError, match=message) as error:
+            check_folder(*args)
+        assert "\n" not in str(error.value) and (args[0] is None or str(args[0]) in str(error.value))
+    Path(shard_paths(out)[1]).unlink()
+    with pytest.raises(ShardFolderError, match="shard file missing: .*seg-000001.tar"):
+        check_folder(out, "seg")
+
+
+def test_one_reader_reads_index_and_tar_alike_and_names_what_breaks_the_layout(tmp_path):
+    src = _folder(tmp_path, n=5)
+    out = tmp_path / "out"
+    assert run("seg", "--images", src / "img", "--masks", src / "msk", "--out", out) == 0
+    tar = shard_paths(out)[0]
+    from_index, (scanned, oddities) = read_samples(tar), scan_tar(tar)
+    assert [(s.key, s.members) for s in from_index] == [(s.key, s.members) for s in scanned] and not oddities
+    assert [s.key for s in scanned] == [f"s{i:03d}" for i in range(5)] and set(scanned[0].members) == {
+        "png", "mask.png", "json"}
+    assert scanned[2].read("png") == (src / "img" / "s002.png").read_bytes()
+    assert split_member("dir.v2/a.fg.png") == ("dir.v2/a", "fg.png") and split_member("a") == ("a", "")
+    odd = tmp_path / "odd.tar"
+    with tarfile.open(odd, "w") as t:
+        for name in ("a.jpg", "b.jpg", "a.mask.png", "a.mask.png", "noext"):
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            t.addfile(info, io.BytesIO(b"x"))
+        t.addfile(_dir_entry("sub"))
+    samples, oddities = scan_tar(str(odd))
+    assert [s.key for s in samples] == ["a", "b"]
+    assert [o.split(": ", 1)[1] for o in oddities] == [
+        "the members of a are not adjacent", "a.mask.png appears twice",
+        "noext is not a sample member (no key or no extension)", "sub is not a regular file"]
+
+
+def _dir_entry(name):
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    return info
 
 
 def test_cli_refuses_unclear_requests(tmp_path, capsys):

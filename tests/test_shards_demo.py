@@ -49,8 +49,24 @@ def test_demo_is_deterministic_and_seeded(demo, tmp_path):
         assert shas != [s["sha256"] for s in read_manifest(other[name])["shards"]]
 
 
-def test_demo_defaults_are_documented_values():
-    assert DEFAULTS == dict(size=256, mattes=48, backgrounds=64, seg=160, eval_natural=20, eval_synthetic=20, seed=0)
+def test_generate_and_the_cli_take_their_defaults_from_DEFAULTS(tmp_path, monkeypatch):
+    from wsshm.shards import cli, demo_data
+    from wsshm.shards.pairing import Scan
+
+    rendered = {}
+    monkeypatch.setattr(demo_data, "_render", lambda src, kind, count, size, seed, *_: rendered.update(
+        {kind: (count, size, seed)}))
+    monkeypatch.setattr(demo_data, "pair_folders", lambda *a, **k: Scan())
+    monkeypatch.setattr(demo_data, "convert", lambda *a, **k: None)
+    generate(tmp_path / "data")
+    d = DEFAULTS
+    assert rendered == {"matte": (d["mattes"], d["size"], d["seed"]), "background": (d["backgrounds"], d["size"], d["seed"]),
+                        "seg": (d["seg"], d["size"], d["seed"]), "eval-natural": (d["eval_natural"], d["size"], d["seed"]),
+                        "eval-synthetic": (d["eval_synthetic"], d["size"], d["seed"])}
+    called = {}
+    monkeypatch.setattr(cli, "generate", lambda out, **kw: called.update(kw) or {})
+    assert cli.main(["demo", "--out", str(tmp_path / "cli")]) == 0
+    assert {k: called[k] for k in DEFAULTS} == DEFAULTS
 
 
 def test_alphas_have_soft_boundaries_and_hair_strands(demo):

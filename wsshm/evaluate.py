@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import csv
 import heapq
-import json
 import math
 import sys
 from dataclasses import dataclass
@@ -23,9 +22,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from wsshm.atomic import write_json
+from wsshm.image import IMAGE_SUFFIXES
+from wsshm.inference import SHORT_SIDE, default_device, predict_mattes
 from wsshm.metrics import METRIC_KEYS, MetricMeter, evaluate_pair
+from wsshm.shards import CorruptSample, decode_sample, open_shard_set, select_subset
+from wsshm.shards.layout import MANIFEST
+from wsshm.shards.reader import decode_image
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 LABEL_FOLDERS = ("alphas", "masks")
 COLUMNS = {"mse": "MSE", "sad": "SAD", "mse_boundary": "MSE (boundary)", "sad_boundary": "SAD (boundary)",
            "mad": "MAD", "grad": "Grad", "conn": "Conn"}
@@ -43,11 +47,11 @@ class EvalSample:
     alpha: np.ndarray  # float32 H x W in [0, 1]
 
 
-def _decode(data: bytes, where: str, grey: bool) -> np.ndarray:
-    array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE if grey else cv2.IMREAD_COLOR)
-    if array is None:
-        raise EvalDataError(f"{where}: not a readable image")
-    return array if grey else cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
+def _read_image(path: Path, grey: bool = False) -> np.ndarray:
+    image = decode_image(path.read_bytes(), grey)
+    if image is None:
+        raise EvalDataError(f"{path}: not a readable image")
+    return image
 
 
 def _sample(key: str, image: np.ndarray, alpha_u8: np.ndarray, where: str) -> EvalSample:
@@ -56,38 +60,40 @@ def _sample(key: str, image: np.ndarray, alpha_u8: np.ndarray, where: str) -> Ev
     return EvalSample(key, image, alpha_u8.astype(np.float32) / 255.0)
 
 
-def _shard_keys_and_reader(folder: Path):
-    import webdataset as wds
+def _shard_readers(folder: Path) -> dict:
+    """key -> a function that decodes that sample of an ``eval`` shard folder."""
+    def read(sample):
+        try:
+            image, alpha = decode_sample(sample, "eval")
+        except CorruptSample as error:
+            raise EvalDataError(str(error)) from None
+        return _sample(sample.key, image, alpha, f"{sample.shard}:{sample.key}")
 
-    from wsshm.shards import read_manifest, shard_paths
     try:
-        manifest = read_manifest(folder)
-        paths = shard_paths(folder)
-    except Exception as error:  # noqa: BLE001 - one clear line
-        raise EvalDataError(f"{folder}: {error}") from None
-    if manifest.get("kind") != "eval":
-        raise EvalDataError(f"{folder}: a '{manifest.get('kind')}' shard folder, not an 'eval' one")
-    for record in wds.WebDataset(paths, shardshuffle=False, empty_check=False):
-        key = record["__key__"]
-        image_member = "jpg" if "jpg" in record else "png"
-        if image_member not in record or "alpha.png" not in record:
-            raise EvalDataError(f"{record.get('__url__', folder)}: sample {key} lacks an image or alpha.png")
-        where = f"{record.get('__url__', folder)}:{key}"
-        yield key, lambda r=record, w=where: _sample(r["__key__"], _decode(r[image_member], w, False),
-                                                      _decode(r["alpha.png"], w, True), w)
+        samples = open_shard_set(folder, "eval").samples
+    except ValueError as error:  # ShardFolderError: one line naming the folder
+        raise EvalDataError(str(error)) from None
+    return {sample.key: (lambda s=sample: read(s)) for sample in samples}
 
 
-def _folder_keys_and_reader(folder: Path):
+def _folder_readers(folder: Path) -> dict:
+    """key -> a function that reads that image and its label from ``images/`` and ``alphas/``."""
     labels = next((folder / name for name in LABEL_FOLDERS if (folder / name).is_dir()), None)
     if not (folder / "images").is_dir() or labels is None:
-        raise EvalDataError(f"{folder}: expected an eval shard folder (manifest.json) or images/ with "
+        raise EvalDataError(f"{folder}: expected an eval shard folder ({MANIFEST}) or images/ with "
                             f"{' or '.join(n + '/' for n in LABEL_FOLDERS)}")
+    by_stem = {}
+    for path in sorted(labels.iterdir(), key=lambda p: (p.suffix.lower() != ".png", p.name)):  # png first
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            by_stem.setdefault(path.stem, path)
+    readers = {}
     for path in sorted(p for p in (folder / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-        label = next((labels / (path.stem + s) for s in (".png", ".jpg") if (labels / (path.stem + s)).is_file()), None)
+        label = by_stem.get(path.stem)
         if label is None:
             raise EvalDataError(f"{path}: no label {labels / (path.stem + '.png')}")
-        yield path.stem, lambda p=path, q=label: _sample(p.stem, _decode(p.read_bytes(), str(p), False),
-                                                         _decode(q.read_bytes(), str(q), True), str(p))
+        readers[path.stem] = lambda p=path, q=label: _sample(p.stem, _read_image(p), _read_image(q, grey=True),
+                                                             str(p))
+    return readers
 
 
 def load_eval_set(data, limit: int | None = None, seed: int = 0) -> list[EvalSample]:
@@ -95,22 +101,19 @@ def load_eval_set(data, limit: int | None = None, seed: int = 0) -> list[EvalSam
     folder = Path(data)
     if not folder.is_dir():
         raise EvalDataError(f"{folder}: no such folder")
-    readers = dict(_shard_keys_and_reader(folder) if (folder / "manifest.json").is_file()
-                   else _folder_keys_and_reader(folder))
+    readers = _shard_readers(folder) if (folder / MANIFEST).is_file() else _folder_readers(folder)
     keys = sorted(readers)
     if limit is not None:
-        from wsshm.shards import select_subset
         keys = sorted(select_subset(keys, limit, seed))
     if not keys:
         raise EvalDataError(f"{folder}: the evaluation set is empty")
     return [readers[key]() for key in keys]
 
 
-def evaluate_model(model: torch.nn.Module, samples: list[EvalSample], short_side: int = 512, device=None,
+def evaluate_model(model: torch.nn.Module, samples: list[EvalSample], short_side: int = SHORT_SIDE, device=None,
                    batch_size: int = 8, worst: int = 8, progress: bool = True) -> dict:
     """Predict every sample with the test-time protocol and score it; returns the summary dict with
     ``mean``, ``skipped_boundary``, ``images`` (per image metrics) and ``worst`` (arrays for the sheet)."""
-    from wsshm.inference import predict_mattes
     meter, rows, heap = MetricMeter(), [], []
     with tqdm(total=len(samples), desc="evaluate", disable=not progress, dynamic_ncols=True) as bar:
         for start in range(0, len(samples), batch_size):
@@ -163,14 +166,15 @@ def worst_sheet(worst: list, path: Path) -> None:
     cv2.imwrite(str(path), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
 
 
-def write_outputs(result: dict, out: Path, name: str, meta: dict) -> None:
+def write_report(result: dict, out: Path, name: str, meta: dict) -> None:
+    """metrics.md, metrics.json, metrics.csv and worst.png of one evaluation into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.md").write_text(markdown_table({name: result}) +
                                     f"\n{result['skipped_boundary']} image(s) without a boundary region "
                                     "left out of the boundary MSE.\n")
     summary = {**meta, "count": result["count"], "mean": result["mean"],
                "skipped_boundary": result["skipped_boundary"], "images": result["images"]}
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2, allow_nan=True))
+    write_json(out / "metrics.json", summary, indent=2)
     with open(out / "metrics.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["key", *METRIC_KEYS])
         writer.writeheader()
@@ -186,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, help="an eval shard folder, or a folder with images/ + alphas/")
     parser.add_argument("--out", default=None, help="output folder (default: <weights>-eval/<data name>)")
     parser.add_argument("--name", default=None, help="row name in the table (default: the weights' file name)")
-    parser.add_argument("--short-side", type=int, default=512, help="test-time shorter side (SPEC: 512)")
+    parser.add_argument("--short-side", type=int, default=SHORT_SIDE, help="test-time shorter side (SPEC: 512)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate a deterministic subset of N images")
     parser.add_argument("--seed", type=int, default=0, help="seed of the --limit subset")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -205,13 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as error:
         print(f"wsshm-eval: error: {error}", file=sys.stderr)
         return 2
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(args.device)
     model = model.to(device).eval()
     result = evaluate_model(model, samples, short_side=args.short_side, device=device,
                             batch_size=args.batch_size, worst=args.worst)
     out = Path(args.out) if args.out else weights.with_name(weights.stem + "-eval") / Path(args.data).name
     name = args.name or weights.stem
-    write_outputs(result, out, name, {"weights": str(weights), "data": str(args.data),
+    write_report(result, out, name, {"weights": str(weights), "data": str(args.data),
                                       "arch": getattr(model, "arch", None), "short_side": args.short_side})
     print(markdown_table({name: result}), end="")
     print(f"wrote {out}/metrics.md, metrics.json, metrics.csv, worst.png")

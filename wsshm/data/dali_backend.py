@@ -16,19 +16,22 @@ import numpy as np
 import torch
 
 from wsshm.data import params
-from wsshm.data.forms import finish_batch
-from wsshm.data.samples import DataError, ShardSet
+from wsshm.data.forms import Form
+from wsshm.data.loader import Loader
+from wsshm.shards import MEMBERS, ShardFolderError, ShardSet, verify
 
-EXTENSIONS = {"matte": ["fg.jpg;fg.png", "alpha.png"], "seg": ["jpg;png", "mask.png"], "background": ["jpg;png"]}
+
+def reader_extensions(kind: str) -> list[str]:
+    """``fn.readers.webdataset``'s ``ext`` for a kind: the image choices as one output, the label."""
+    members = MEMBERS[kind]
+    return [";".join(members.images), *([members.label] if members.label else [])]
 
 
 def check_shards(*shard_sets: ShardSet) -> None:
     """The ``wsshm-shard verify`` checks, up front: DALI cannot skip a bad sample mid-run."""
-    from wsshm import shards
-
-    problems = [f"{s.folder}: {p}" for s in shard_sets for p in shards.verify(s.folder)]
+    problems = [f"{s.folder}: {p}" for s in shard_sets for p in verify(s.folder)]
     if problems:
-        raise DataError("shards failed verification (run wsshm-shard verify):\n  " + "\n  ".join(problems))
+        raise ShardFolderError("shards failed verification (run wsshm-shard verify):\n  " + "\n  ".join(problems))
 
 
 def write_indexes(shard_set: ShardSet, folder: str) -> tuple[list[str], list[str]]:
@@ -36,7 +39,7 @@ def write_indexes(shard_set: ShardSet, folder: str) -> tuple[list[str], list[str
     tars, indexes = [], []
     by_shard: dict[str, list[str]] = {}
     for s in shard_set.samples:
-        by_shard.setdefault(s.shard, []).append(s.index_line)
+        by_shard.setdefault(s.shard, []).append(s.index_line())
     for n, tar in enumerate(shard_set.shards):
         path = os.path.join(folder, f"{shard_set.kind}-{n:06d}.idx")
         with open(path, "w") as f:
@@ -49,14 +52,14 @@ def write_indexes(shard_set: ShardSet, folder: str) -> tuple[list[str], list[str
 class GeometrySource:
     """External source: per-sample crop size, scale, crop position and flip for each batch."""
 
-    def __init__(self, form: str, config: params.AugmentConfig, batch_size: int, seed: int, rank: int):
+    def __init__(self, form: Form, config: params.AugmentConfig, batch_size: int, seed: int, rank: int):
         self.form, self.config, self.batch_size, self.seed, self.rank = form, config, batch_size, seed, rank
 
     def __call__(self, batch_info):
         step, B = batch_info.iteration, self.batch_size
         size = params.crop_size(self.config, self.seed, step)
         outputs = [np.full(B, size, np.float32)]
-        for stream in (0, 1) if self.form == "teacher" else (0,):
+        for stream in range(1 + self.form.background):
             g = params.geometry(self.config, B, self.seed, step, self.rank, stream)
             outputs += [g.scale, g.x, g.y, g.flip.astype(np.int32)]
         return tuple(outputs)
@@ -69,11 +72,11 @@ def _build_pipeline(form, data_files, bg_files, source, *, batch_size, num_threa
 
     gpu = device_id is not None
     decoder = "mixed" if gpu else "cpu"
-    n_out = 9 if form == "teacher" else 5
+    n_out = 5 + 4 * form.background  # the crop size, then scale, x, y, flip per geometry stream
 
     def read(files, kind, name, reader_seed):
         return fn.readers.webdataset(
-            paths=files[0], index_paths=files[1], ext=EXTENSIONS[kind], shard_id=rank, num_shards=world_size,
+            paths=files[0], index_paths=files[1], ext=reader_extensions(kind), shard_id=rank, num_shards=world_size,
             random_shuffle=True, initial_fill=256, seed=reader_seed, missing_component_behavior="error", name=name)
 
     def resize(image, size, flip, interp):
@@ -120,11 +123,10 @@ def _build_pipeline(form, data_files, bg_files, source, *, batch_size, num_threa
     def pipeline():
         geo = fn.external_source(source=source, num_outputs=n_out, batch=True, batch_info=True)
         size = geo[0]
-        kind = "matte" if form == "teacher" else "seg"
-        encoded, encoded_label = read(data_files, kind, "data", seed * 2 + 1)
+        encoded, encoded_label = read(data_files, form.kind, "data", seed * 2 + 1)
         image = decode_crop(encoded, size, *geo[1:5])
-        label = decode_crop(encoded_label, size, *geo[1:5], grey=True, nearest=form != "teacher")
-        if form != "teacher":
+        label = decode_crop(encoded_label, size, *geo[1:5], grey=True, nearest=not form.soft_labels)
+        if not form.background:
             return image, label
         encoded_bg = read(bg_files, "background", "background", seed * 2 + 2)  # one ext: one node
         return image, label, decode_crop(encoded_bg, size, *geo[5:9])
@@ -150,30 +152,23 @@ def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:
     return torch.from_dlpack(tensor_list.as_tensor())
 
 
-class DaliLoader:
-    """Endless iterator of training batches; the state is the step and DALI's pipeline checkpoint."""
+class DaliLoader(Loader):
+    """The state is the step and DALI's pipeline checkpoint (the readers' positions)."""
 
     backend = "dali"
+    state_must_match = ("backend", *Loader.state_must_match)
 
-    def __init__(self, form: str, data: ShardSet, background: ShardSet | None, *, batch_size: int,
-                 config: params.AugmentConfig, rank: int, world_size: int, seed: int, device: torch.device,
-                 num_workers: int, finish_kw: dict):
-        self.form, self.batch_size, self.config = form, batch_size, config
-        self.rank, self.world_size, self.seed, self.device = rank, world_size, seed, device
+    def __init__(self, form: Form, data: ShardSet, background: ShardSet | None, *, num_workers: int, **common):
+        super().__init__(form, **common)
         self.num_threads = max(1, num_workers)
-        self.finish_kw = finish_kw
         self._tmp = tempfile.mkdtemp(prefix="wsshm-dali-idx-")
         self._cleanup = weakref.finalize(self, shutil.rmtree, self._tmp, True)
         self.data_files = write_indexes(data, self._tmp)
         bg_dir = os.path.join(self._tmp, "bg")
         os.makedirs(bg_dir)
         self.bg_files = write_indexes(background, bg_dir) if background is not None else None
-        self.step = 0
         self._pipe = None
         self._checkpoint = None
-
-    def __iter__(self):
-        return self
 
     def _start(self):
         device_id = None
@@ -185,38 +180,26 @@ class DaliLoader:
             num_threads=self.num_threads, device_id=device_id, seed=self.seed, rank=self.rank,
             world_size=self.world_size, checkpoint=self._checkpoint)
 
-    def __next__(self) -> dict:
+    def _read(self) -> dict:
         if self._pipe is None:
             self._start()
         outputs = [_to_torch(o, self.device) for o in self._pipe.run()]
-        if self.form == "teacher":
-            raw = {"fg": outputs[0], "alpha": outputs[1][..., 0], "background": outputs[2]}
-        else:
-            raw = {"image": outputs[0], "mask": outputs[1][..., 0]}
-            if self.form == "student":
-                raw["jitter"] = torch.from_numpy(
-                    params.jitter(self.config, self.batch_size, self.seed, self.step, self.rank))
-        self.step += 1
-        return finish_batch(self.form, raw, self.device, **self.finish_kw)
+        crops = {"images": outputs[0], "labels": outputs[1][..., 0]}
+        if self.form.background:
+            crops["backgrounds"] = outputs[2]
+        return crops
 
-    def state_dict(self) -> dict:
+    def _extra_state(self) -> dict:
         checkpoint = self._pipe.checkpoint() if self._pipe is not None else self._checkpoint
         if isinstance(checkpoint, bytes):  # keep the state JSON-safe
             checkpoint = "base64:" + base64.b64encode(checkpoint).decode()
-        return {"backend": self.backend, "form": self.form, "step": self.step, "seed": self.seed, "rank": self.rank,
-                "world_size": self.world_size, "batch_size": self.batch_size, "dali_checkpoint": checkpoint}
+        return {"dali_checkpoint": checkpoint}
 
-    def load_state_dict(self, state: dict) -> None:
-        for key in ("backend", "form", "seed", "world_size", "batch_size"):
-            if state.get(key) != getattr(self, key):
-                raise ValueError(f"loader state was saved with {key}={state.get(key)!r}, this loader has "
-                                 f"{getattr(self, key)!r}")
-        self.close()
-        self.step = int(state["step"])
+    def _restore(self, state: dict) -> None:
         checkpoint = state["dali_checkpoint"]
         if isinstance(checkpoint, str) and checkpoint.startswith("base64:"):
             checkpoint = base64.b64decode(checkpoint[len("base64:"):])
         self._checkpoint = checkpoint
 
-    def close(self) -> None:
+    def _stop(self) -> None:
         self._pipe = None

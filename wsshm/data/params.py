@@ -45,6 +45,7 @@ class AugmentConfig:
 
 
 def candidate_sizes(crop_sizes) -> list[int]:
+    """The crop sides ``crop_sizes`` stands for (the one rule the loaders and the command line share)."""
     if isinstance(crop_sizes, (int, np.integer)):
         sizes = [int(crop_sizes)]
     elif len(crop_sizes) == 2:
@@ -54,8 +55,9 @@ def candidate_sizes(crop_sizes) -> list[int]:
         sizes = list(range(lo, hi + 1, CROP_MULTIPLE))
     else:
         sizes = [int(v) for v in crop_sizes]
-    if not sizes or min(sizes) < 1:
-        raise ValueError(f"crop_sizes must be positive, got {crop_sizes}")
+    if not sizes or min(sizes) < 1 or any(size % CROP_MULTIPLE for size in sizes):
+        raise ValueError(f"crop sides must be positive multiples of {CROP_MULTIPLE} (the network halves "
+                         f"its input 5 times), got {crop_sizes}")
     return sizes
 
 

@@ -17,39 +17,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from wsshm.data import params
-from wsshm.data.forms import finish_batch
-from wsshm.data.samples import IMAGE_MEMBERS, LABEL_MEMBER, Sample, ShardSet
-
-
-class CorruptSample(ValueError):
-    pass
-
-
-def _decode(sample: Sample, ext: str, grey: bool) -> np.ndarray:
-    data = sample.read(ext)
-    flag = cv2.IMREAD_GRAYSCALE if grey else cv2.IMREAD_COLOR
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
-    if image is None:
-        raise CorruptSample(f"{sample.shard}: sample {sample.key}: member {ext} does not decode")
-    return image if grey else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
-def decode_sample(sample: Sample, kind: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """(RGB uint8 HxWx3, label uint8 HxW or None) of one sample; ``CorruptSample`` names the shard and key."""
-    image_ext = next((e for e in IMAGE_MEMBERS[kind] if e in sample.members), None)
-    label_ext = LABEL_MEMBER[kind]
-    if image_ext is None or (label_ext and label_ext not in sample.members):
-        raise CorruptSample(f"{sample.shard}: sample {sample.key}: missing members "
-                            f"(has {', '.join(sorted(sample.members))})")
-    try:
-        image = _decode(sample, image_ext, grey=False)
-        label = _decode(sample, label_ext, grey=True) if label_ext else None
-    except OSError as exc:
-        raise CorruptSample(f"{sample.shard}: sample {sample.key}: {exc}") from exc
-    if label is not None and label.shape != image.shape[:2]:
-        raise CorruptSample(f"{sample.shard}: sample {sample.key}: {label_ext} is {label.shape[1]}x{label.shape[0]}, "
-                            f"the image {image.shape[1]}x{image.shape[0]}")
-    return image, label
+from wsshm.data.forms import Form
+from wsshm.data.loader import Loader
+from wsshm.shards import CorruptSample, ShardSet, decode_sample
 
 
 def crop(image: np.ndarray, size: int, scale: float, x: float, y: float, flip: bool, nearest=False) -> np.ndarray:
@@ -72,7 +42,7 @@ def crop(image: np.ndarray, size: int, scale: float, x: float, y: float, flip: b
 class BatchDataset(Dataset):
     """Item ``step`` is this rank's uint8 batch of global batch ``step``."""
 
-    def __init__(self, form: str, data: ShardSet, background: ShardSet | None, batch_size: int,
+    def __init__(self, form: Form, data: ShardSet, background: ShardSet | None, batch_size: int,
                  config: params.AugmentConfig, rank: int, world_size: int, seed: int):
         self.form, self.data, self.background = form, data, background
         self.batch_size, self.config = batch_size, config
@@ -90,12 +60,12 @@ class BatchDataset(Dataset):
             self._orders = {epoch: params.sample_order(n, self.seed, epoch)}
         return int(self._orders[epoch][position % n])
 
-    def _decode_at(self, shard_set: ShardSet, index: int, kind: str):
+    def _decode_at(self, shard_set: ShardSet, index: int):
         """Decode sample ``index``, skipping corrupt ones (with a warning) to the next good one."""
         for attempt in range(len(shard_set)):
             sample = shard_set.samples[(index + attempt) % len(shard_set)]
             try:
-                return decode_sample(sample, kind)
+                return decode_sample(sample, shard_set.kind)
             except CorruptSample as exc:
                 if str(exc) not in self._warned:
                     self._warned.add(str(exc))
@@ -110,69 +80,46 @@ class BatchDataset(Dataset):
         first = (step * self.world_size + self.rank) * B
         images, labels = [], []
         for j in range(B):
-            image, label = self._decode_at(self.data, self._index(first + j), self.data.kind)
+            image, label = self._decode_at(self.data, self._index(first + j))
             args = (size, float(geo.scale[j]), float(geo.x[j]), float(geo.y[j]), bool(geo.flip[j]))
             images.append(crop(image, *args))
-            labels.append(crop(label, *args, nearest=self.form != "teacher"))
-        images, labels = torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(labels))
-        if self.form == "teacher":
+            labels.append(crop(label, *args, nearest=not self.form.soft_labels))
+        crops = {"images": torch.from_numpy(np.stack(images)), "labels": torch.from_numpy(np.stack(labels))}
+        if self.form.background:
             bg_geo = params.geometry(cfg, B, self.seed, step, self.rank, stream=1)
             choice = params.background_choice(len(self.background), B, self.seed, step, self.rank)
             backgrounds = []
             for j in range(B):
-                bg, _ = self._decode_at(self.background, int(choice[j]), "background")
+                bg, _ = self._decode_at(self.background, int(choice[j]))
                 backgrounds.append(crop(bg, size, float(bg_geo.scale[j]), float(bg_geo.x[j]),
                                         float(bg_geo.y[j]), bool(bg_geo.flip[j])))
-            return {"fg": images, "alpha": labels, "background": torch.from_numpy(np.stack(backgrounds))}
-        raw = {"image": images, "mask": labels}
-        if self.form == "student":
-            raw["jitter"] = torch.from_numpy(params.jitter(cfg, B, self.seed, step, self.rank))
-        return raw
+            crops["backgrounds"] = torch.from_numpy(np.stack(backgrounds))
+        return crops
 
 
-class TorchLoader:
-    """Endless iterator of training batches; ``state_dict()`` is the number of batches handed out."""
+class TorchLoader(Loader):
+    """The loader's whole state is its step: item ``step`` of the dataset is batch ``step``."""
 
     backend = "torch"
 
-    def __init__(self, dataset: BatchDataset, device: torch.device, num_workers: int, finish_kw: dict):
-        self.dataset, self.device, self.num_workers = dataset, device, num_workers
-        self.finish_kw = finish_kw
-        self.step = 0
+    def __init__(self, form: Form, data: ShardSet, background: ShardSet | None, *, num_workers: int, **common):
+        super().__init__(form, **common)
+        self.dataset = BatchDataset(form, data, background, self.batch_size, self.config, self.rank,
+                                    self.world_size, self.seed)
+        self.num_workers = num_workers
         self._batches = None
 
-    def __iter__(self):
-        return self
-
-    def _start(self):
-        workers = self.num_workers
-        # Forking a process in which a DALI pipeline has run hung the workers (a lock held by a DALI
-        # thread at fork time): then start them from a clean fork server (needs a __main__ guard).
-        context = "forkserver" if workers and "nvidia.dali.backend" in sys.modules else None
-        self._batches = iter(DataLoader(
-            self.dataset, batch_size=None, sampler=itertools.count(self.step), num_workers=workers,
-            pin_memory=self.device.type == "cuda", prefetch_factor=2 if workers else None,
-            persistent_workers=False, multiprocessing_context=context))
-
-    def __next__(self) -> dict:
+    def _read(self) -> dict:
         if self._batches is None:
-            self._start()
-        raw = next(self._batches)
-        self.step += 1
-        return finish_batch(self.dataset.form, raw, self.device, **self.finish_kw)
+            workers = self.num_workers
+            # Forking a process in which a DALI pipeline has run hung the workers (a lock held by a DALI
+            # thread at fork time): then start them from a clean fork server (needs a __main__ guard).
+            context = "forkserver" if workers and "nvidia.dali.backend" in sys.modules else None
+            self._batches = iter(DataLoader(
+                self.dataset, batch_size=None, sampler=itertools.count(self.step), num_workers=workers,
+                pin_memory=self.device.type == "cuda", prefetch_factor=2 if workers else None,
+                persistent_workers=False, multiprocessing_context=context))
+        return next(self._batches)
 
-    def state_dict(self) -> dict:
-        d = self.dataset
-        return {"backend": self.backend, "form": d.form, "step": self.step, "seed": d.seed,
-                "rank": d.rank, "world_size": d.world_size, "batch_size": d.batch_size}
-
-    def load_state_dict(self, state: dict) -> None:
-        mine = self.state_dict()
-        for key in ("form", "seed", "world_size", "batch_size"):
-            if state.get(key) != mine[key]:
-                raise ValueError(f"loader state was saved with {key}={state.get(key)!r}, this loader has {mine[key]!r}")
-        self.close()
-        self.step = int(state["step"])
-
-    def close(self) -> None:
+    def _stop(self) -> None:
         self._batches = None  # drops the DataLoader iterator, which stops its workers

@@ -6,6 +6,7 @@ import os
 import re
 import sys
 
+from .demo_data import DEFAULTS, generate
 from .images import DEFAULT_MAX_PIXELS
 from .layout import ERRORS
 from .pairing import pair_folders
@@ -79,13 +80,12 @@ def build_parser():
     p.add_argument("folders", nargs="+")
     p = sub.add_parser("demo", help="generate the built-in demo data (no download)")
     p.add_argument("--out", required=True)
-    p.add_argument("--size", type=_positive, default=256, help="image height; width is 3/4 of it (default 256)")
-    p.add_argument("--mattes", type=_positive, default=48)
-    p.add_argument("--backgrounds", type=_positive, default=64)
-    p.add_argument("--seg", type=_positive, default=160)
-    p.add_argument("--eval-natural", type=_positive, default=20)
-    p.add_argument("--eval-synthetic", type=_positive, default=20)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=_positive, default=DEFAULTS["size"],
+                   help=f"image height; width is 3/4 of it (default {DEFAULTS['size']})")
+    for name in ("mattes", "backgrounds", "seg", "eval_natural", "eval_synthetic"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=_positive, default=DEFAULTS[name],
+                       help=f"samples in that folder (default {DEFAULTS[name]})")
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     p.add_argument("--workers", type=_positive, default=1)
     return parser
 
@@ -122,11 +122,8 @@ def main(argv=None) -> int:
             failed += bool(problems)
         return 1 if failed else 0
     if args.command == "demo":
-        from .demo_data import generate
-
-        folders = generate(args.out, size=args.size, mattes=args.mattes, backgrounds=args.backgrounds, seg=args.seg,
-                           eval_natural=args.eval_natural, eval_synthetic=args.eval_synthetic, seed=args.seed,
-                           workers=args.workers, progress=True)
+        settings = {name: getattr(args, name) for name in DEFAULTS}
+        folders = generate(args.out, **settings, workers=args.workers, progress=True)
         for name, path in folders.items():
             print(f"{name}: {path}")
         return 0

@@ -40,6 +40,7 @@ from .writer import convert
 SS = 4  # supersampling factor for coverage (alpha) rendering
 FULL = 65535  # full coverage on the 16-bit canvas
 STRAND_T = np.linspace(0, 1, 8)
+# The defaults of generate() and of ``wsshm-shard demo``: image height, samples per folder, seed.
 DEFAULTS = dict(size=256, mattes=48, backgrounds=64, seg=160, eval_natural=20, eval_synthetic=20, seed=0)
 GENERATOR_VERSION = 2  # part of each folder's recorded source: a folder from another version is redone
 OCCLUDED = 0.7  # share of natural photos with something in front of the person
@@ -383,12 +384,14 @@ def _render(src: Path, kind: str, count: int, size: int, seed: int, workers: int
                 bar.update()
 
 
-def generate(out_dir, size=256, mattes=48, backgrounds=64, seg=160, eval_natural=20, eval_synthetic=20, seed=0,
-             workers=1, progress=False) -> dict:
+def generate(out_dir, *, size=DEFAULTS["size"], mattes=DEFAULTS["mattes"], backgrounds=DEFAULTS["backgrounds"],
+             seg=DEFAULTS["seg"], eval_natural=DEFAULTS["eval_natural"], eval_synthetic=DEFAULTS["eval_synthetic"],
+             seed=DEFAULTS["seed"], workers=1, progress=False) -> dict:
     """Write the five demo shard folders under ``out_dir``; returns ``{folder name: path}``.
 
-    Images are ``size`` pixels high and ``0.75 * size`` wide (portrait). The same arguments always
-    give the same bytes; a finished folder is left as it is when called again.
+    Images are ``size`` pixels high and ``0.75 * size`` wide (portrait); the counts are per folder
+    (``DEFAULTS`` holds the defaults). The same arguments always give the same bytes; a finished
+    folder is left as it is when called again.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

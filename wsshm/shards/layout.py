@@ -1,6 +1,8 @@
-"""The shard folder layout of SPEC section 5: manifest, shard and index paths, keys, subsets.
+"""The shard folder layout of SPEC section 5: kinds and their members, member names, manifest, shard
+and index paths, the folder check, keys and subsets.
 
-Everything that reads or writes a shard folder agrees on it through this module.
+Everything that reads or writes a shard folder (the converter, ``verify``, the loaders, the
+evaluator) agrees on it through this module.
 """
 from __future__ import annotations
 
@@ -8,35 +10,57 @@ import hashlib
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
-
-from wsshm.atomic import atomic_path
 
 TOOL_VERSION = "wsshm-shard 0.1.0"
 MANIFEST = "manifest.json"
 ERRORS = "errors.jsonl"
-KINDS = ("matte", "background", "seg", "eval")
+META_MEMBER = "json"  # every sample's source path, width and height
 
-# Members per key, besides "json" (SPEC section 5). "image" stands for "jpg" or "png"; for matte
-# data the image member is called fg.jpg / fg.png.
-IMAGE_MEMBER = {"matte": "fg", "background": "", "seg": "", "eval": ""}
-LABEL_MEMBERS = {"matte": ("alpha.png",), "background": (), "seg": ("mask.png",), "eval": ("alpha.png",)}
-OPTIONAL_MEMBERS = {"eval": ("trimap.png",)}
+
+@dataclass(frozen=True)
+class Members:
+    """The members of one sample of a kind, besides ``json``."""
+
+    images: tuple[str, ...]  # exactly one of them: the RGB image as stored (jpg) or re-encoded (png)
+    label: str | None = None  # 8-bit grey, the image's size
+    optional: tuple[str, ...] = ()
+
+    def image_member(self, ext: str) -> str:
+        """The image member for a stored format: ``jpg`` -> ``jpg`` or ``fg.jpg``."""
+        return next(m for m in self.images if m.rsplit(".", 1)[-1] == ext)
+
+    def image_in(self, names) -> str | None:
+        """The image member among ``names``, or None."""
+        return next((m for m in self.images if m in names), None)
+
+
+MEMBERS = {
+    "matte": Members(("fg.jpg", "fg.png"), "alpha.png"),
+    "background": Members(("jpg", "png")),
+    "seg": Members(("jpg", "png"), "mask.png"),
+    "eval": Members(("jpg", "png"), "alpha.png", optional=("trimap.png",)),
+}
+KINDS = tuple(MEMBERS)
 
 
 class ShardFolderError(ValueError):
-    """A shard folder that cannot be used (missing or broken manifest, unfinished conversion)."""
+    """A shard folder that cannot be used; the message is one line naming the folder or file."""
 
 
-def image_member(kind: str, ext: str) -> str:
-    """Tar member suffix of the image of a sample: ``jpg``/``png`` or ``fg.jpg``/``fg.png``."""
-    prefix = IMAGE_MEMBER[kind]
-    return f"{prefix}.{ext}" if prefix else ext
+def split_member(name: str) -> tuple[str, str]:
+    """A tar member name -> ``(key, extension)``, split at the first dot after the last slash, as
+    webdataset and DALI do (``a/b.fg.png`` -> ``a/b``, ``fg.png``); no dot: ``(name, "")``."""
+    dot = name.find(".", name.rfind("/") + 1)
+    return (name, "") if dot < 0 else (name[:dot], name[dot + 1:])
 
 
-def index_name(shard_name: str) -> str:
-    """``matte-000000.tar`` -> ``matte-000000.idx`` (the name DALI's ``wds2idx`` picks by default)."""
-    return shard_name[: -len(".tar")] + ".idx" if shard_name.endswith(".tar") else shard_name + ".idx"
+def index_path(shard) -> str:
+    """The DALI index beside a shard: ``matte-000000.tar`` -> ``matte-000000.idx`` (the name DALI's
+    ``wds2idx`` picks by default)."""
+    shard = os.fspath(shard)
+    return (shard[: -len(".tar")] if shard.endswith(".tar") else shard) + ".idx"
 
 
 def sample_key(relative_stem: str) -> str:
@@ -53,7 +77,7 @@ def read_manifest(folder) -> dict:
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ShardFolderError(f"{path}: unreadable manifest ({exc})") from exc
+        raise ShardFolderError(f"{path}: unreadable manifest ({exc})".replace("\n", " ")) from exc
     missing = [k for k in ("kind", "count", "shards") if k not in manifest] if isinstance(manifest, dict) else ["all"]
     if missing:
         raise ShardFolderError(f"{path}: broken manifest, missing {', '.join(missing)}")
@@ -71,7 +95,33 @@ def shard_paths(folder) -> list[str]:
 
 def index_paths(folder) -> list[str]:
     """Paths of the DALI index files, parallel to :func:`shard_paths`."""
-    return [str(Path(folder) / index_name(s["name"])) for s in read_manifest(folder)["shards"]]
+    return [index_path(p) for p in shard_paths(folder)]
+
+
+def check_folder(folder, kind: str | None = None, num_samples: int | None = None) -> dict:
+    """The manifest of a shard folder that a reader can use, checked from the manifest and the file
+    list (cheap: nothing is decoded; :func:`wsshm.shards.verify` reads everything).
+
+    ``ShardFolderError``, one line naming the folder, for: no folder given, a missing folder, a missing,
+    broken or unfinished manifest, another ``kind`` than asked, a listed shard file missing, no samples,
+    or ``num_samples`` that is not between 1 and the folder's count.
+    """
+    if folder is None:
+        raise ShardFolderError(f"no {kind + ' ' if kind else ''}shard folder given")
+    if not Path(folder).is_dir():
+        raise ShardFolderError(f"{folder}: shard folder not found")
+    manifest = read_manifest(folder)
+    if kind is not None and manifest["kind"] != kind:
+        raise ShardFolderError(f"{folder}: holds {manifest['kind']!r} shards where {kind!r} shards are needed")
+    missing = [s["name"] for s in manifest["shards"] if not (Path(folder) / s["name"]).is_file()]
+    if missing:
+        raise ShardFolderError(f"{folder}: shard file missing: {Path(folder) / missing[0]}")
+    count = manifest["count"]
+    if count <= 0 or not manifest["shards"]:
+        raise ShardFolderError(f"{folder}: the shard folder holds no samples")
+    if num_samples is not None and not 0 < num_samples <= count:
+        raise ShardFolderError(f"{folder}: holds {count} samples; cannot select {num_samples}")
+    return manifest
 
 
 def _rank(seed: int, key: str) -> bytes:
@@ -97,12 +147,3 @@ def select_subset(keys, n, seed=0) -> list:
         raise ValueError(f"select_subset: asked for {n} samples but only {len(keys)} are available")
     chosen = set(sorted(keys, key=lambda k: _rank(seed, str(k)))[:n])
     return [k for k in keys if k in chosen]
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON so that a reader (or a killed writer) never sees half a file."""
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())

@@ -6,10 +6,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from wsshm.image import IMAGE_SUFFIXES
 from .images import BadInput, load_grey, load_rgb, split_rgba
-from .layout import image_member, sample_key
+from .layout import MEMBERS, META_MEMBER, sample_key
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 # Tar names longer than this do not fit a USTAR header (which DALI's reader expects).
 MAX_KEY_LENGTH = 200
 
@@ -39,7 +39,7 @@ def _list_images(root: Path, scan: Scan, role: str) -> dict:
             if name.startswith("."):
                 continue
             path = Path(dirpath) / name
-            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
                 scan.ignored += 1
                 continue
             stem = path.relative_to(root).with_suffix("").as_posix()
@@ -82,11 +82,7 @@ def pair_folders(image_root, partners: dict, optional: dict | None = None, image
         paths.update({role: str(found[role][stem]) for role in partners})
         paths.update({role: str(extra[role][stem]) for role in extra if stem in extra[role]})
         scan.samples.append(SampleSpec(key, path.relative_to(image_root).as_posix(), paths))
-    for role, files in found.items():
-        for stem, path in sorted(files.items()):
-            if stem not in images:
-                scan.errors.append({"path": str(path), "reason": f"{role} without an image (no {stem}.* in {image_root})"})
-    for role, files in extra.items():
+    for role, files in [*found.items(), *extra.items()]:
         for stem, path in sorted(files.items()):
             if stem not in images:
                 scan.errors.append({"path": str(path), "reason": f"{role} without an image (no {stem}.* in {image_root})"})
@@ -126,10 +122,10 @@ def build_sample(kind: str, spec: SampleSpec, max_pixels: int):
             errors.append({"path": spec.paths[role], "reason": exc.args[0]})
     if errors:
         return None, None, errors
-    members[image_member(kind, image.ext)] = image.data
+    members[MEMBERS[kind].image_member(image.ext)] = image.data
     for role, member in labels.items():
         members[f"{role}.png"] = member.data
     meta = {"source": spec.source, "width": image.width, "height": image.height}
-    members["json"] = json.dumps(meta).encode()
+    members[META_MEMBER] = json.dumps(meta).encode()
     reasons = [m.normalised for m in [image, *labels.values()] if m.normalised]
     return members, sorted(set(reasons)), None

@@ -9,40 +9,19 @@ from pathlib import Path
 import numpy as np
 
 from .images import decode_member
-from .layout import LABEL_MEMBERS, OPTIONAL_MEMBERS, ShardFolderError, image_member, index_name, read_manifest
+from .layout import MEMBERS, META_MEMBER, ShardFolderError, index_path, read_manifest
+from .reader import scan_tar
 from .writer import sha256_file, write_index
 
 
-def _split(name: str):
-    slash = name.rfind("/") + 1
-    dot = name.find(".", slash)
-    return (name, "") if dot < 0 else (name[:dot], name[dot + 1:])
-
-
-def _read_samples(tar_path, problems):
-    """Samples of a tar as ``(key, {suffix: bytes})`` in order, the way webdataset groups them."""
-    samples = []
-    with tarfile.open(tar_path) as tar:
-        for info in tar:
-            if not info.isfile():
-                problems.append(f"{tar_path}: {info.name} is not a regular file")
-                continue
-            key, suffix = _split(info.name)
-            if not samples or samples[-1][0] != key:
-                samples.append((key, {}))
-            if suffix in samples[-1][1]:
-                problems.append(f"{tar_path}: {info.name} appears twice")
-            samples[-1][1][suffix] = tar.extractfile(info).read()
-    return samples
-
-
 def _check_sample(kind, where, members, problems):
-    images = [image_member(kind, ext) for ext in ("jpg", "png")]
-    present = [m for m in images if m in members]
-    required = set(LABEL_MEMBERS[kind]) | {"json"}
-    allowed = required | set(OPTIONAL_MEMBERS.get(kind, ())) | set(images)
+    """``members``: member name -> bytes."""
+    layout = MEMBERS[kind]
+    present = [m for m in layout.images if m in members]
+    required = {META_MEMBER, *([layout.label] if layout.label else [])}
+    allowed = required | set(layout.optional) | set(layout.images)
     if len(present) != 1:
-        problems.append(f"{where}: expected exactly one of {' or '.join(images)}, found {present or 'none'}")
+        problems.append(f"{where}: expected exactly one of {' or '.join(layout.images)}, found {present or 'none'}")
     for name in sorted(required - members.keys()):
         problems.append(f"{where}: missing {name}")
     for name in sorted(members.keys() - allowed):
@@ -50,7 +29,7 @@ def _check_sample(kind, where, members, problems):
     if len(present) != 1 or not required <= members.keys():
         return
     try:
-        meta = json.loads(members["json"])
+        meta = json.loads(members[META_MEMBER])
         image = decode_member(members[present[0]])
     except Exception as exc:  # noqa: BLE001 - anything undecodable is a problem to report
         problems.append(f"{where}: cannot decode {present[0]} or json ({exc})")
@@ -60,7 +39,7 @@ def _check_sample(kind, where, members, problems):
         problems.append(f"{where}: {present[0]} is not 8-bit RGB (shape {image.shape}, {image.dtype})")
     if (meta.get("width"), meta.get("height")) != (width, height) or "source" not in meta:
         problems.append(f"{where}: json {meta} does not match the image's {width}x{height} or lacks source")
-    for name in [m for m in members if m.endswith(".png") and m not in images]:
+    for name in [m for m in members if m.endswith(".png") and m not in layout.images]:
         try:
             label = decode_member(members[name])
         except Exception as exc:  # noqa: BLE001
@@ -85,7 +64,8 @@ def verify(folder) -> list[str]:
     listed = {s["name"] for s in manifest["shards"]}
     problems += [f"{p}: shard not listed in the manifest" for p in sorted(folder.glob("*.tar")) if p.name not in listed]
     for entry in manifest["shards"]:
-        tar_path, idx_path = folder / entry["name"], folder / index_name(entry["name"])
+        tar_path = folder / entry["name"]
+        idx_path = Path(index_path(tar_path))
         if not tar_path.is_file():
             problems.append(f"{tar_path}: missing")
             continue
@@ -99,20 +79,27 @@ def verify(folder) -> list[str]:
                 expected = None
                 problems.append(f"{tar_path}: DALI's wds2idx cannot index it ({exc})")
         if not idx_path.is_file():
-            problems.append(f"{idx_path}: DALI index missing")
+            problems.append(f"{idx_path}: DALI index missing (write it with: wds2idx {tar_path} {idx_path})")
         elif expected is not None and idx_path.read_text() != expected:
             problems.append(f"{idx_path}: DALI index does not match its shard")
         try:
-            samples = _read_samples(tar_path, problems)
+            samples, oddities = scan_tar(str(tar_path))
         except (tarfile.TarError, OSError, EOFError) as exc:
             problems.append(f"{tar_path}: unreadable tar ({exc})")
             continue
+        problems += oddities
         if len(samples) != entry["count"]:
             problems.append(f"{tar_path}: {len(samples)} samples, manifest says {entry['count']}")
-        for key, members in samples:
-            if "." in key:
-                problems.append(f"{tar_path}: key {key!r} holds a dot")
-            _check_sample(kind, f"{tar_path}:{key}", members, problems)
+        for sample in samples:
+            where = f"{tar_path}:{sample.key}"
+            if "." in sample.key:
+                problems.append(f"{tar_path}: key {sample.key!r} holds a dot")
+            try:
+                members = {ext: sample.read(ext) for ext in sample.members}
+            except OSError as exc:
+                problems.append(f"{where}: {exc}")
+                continue
+            _check_sample(kind, where, members, problems)
         total += len(samples)
     if total != manifest["count"]:
         problems.append(f"{folder}: {total} samples in the shards, manifest says {manifest['count']}")

@@ -14,14 +14,15 @@ import os
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import webdataset as wds
 from tqdm import tqdm
 from wds2idx import IndexCreator
 
-from wsshm.atomic import atomic_path
-from .layout import ERRORS, MANIFEST, TOOL_VERSION, index_name, select_subset, write_json_atomic
+from wsshm.atomic import atomic_path, write_json
+from .layout import ERRORS, MANIFEST, TOOL_VERSION, index_path, select_subset
 from .pairing import Scan, build_sample
 
 FIXED_MTIME = 946684800  # 2000-01-01: member timestamps fixed so the same input gives the same sha256
@@ -86,6 +87,111 @@ def _clear_outputs(out: Path) -> None:
             path.unlink()
 
 
+@dataclass
+class _Conversion:
+    """The state of one :func:`convert` run: the finished shards, the open one, and where each broken
+    input stands.
+
+    A resumed run starts again after the last key of the last finished shard and meets again every
+    broken input after it, so broken inputs are kept by where they fall: ``saved_errors`` before the
+    last key of a finished shard (the unfinished manifest lists them, for the resumed run),
+    ``open_errors`` before the last sample written into the open shard, ``trailing_errors`` after the
+    last sample written. Pairing errors (``scan.errors``) come again with every scan.
+    """
+
+    kind: str
+    name: str
+    out: Path
+    source: dict
+    options: dict
+    scan: Scan
+    shards: list = field(default_factory=list)  # the manifest's entries of the finished shards
+    open_keys: list = field(default_factory=list)  # keys written into the open shard
+    saved_errors: list = field(default_factory=list)
+    open_errors: list = field(default_factory=list)
+    trailing_errors: list = field(default_factory=list)
+    normalised: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    written: int = 0  # samples written by this run
+
+    def resume(self, previous: dict) -> None:
+        """Continue the unfinished conversion whose manifest is ``previous``."""
+        self.shards = list(previous["shards"])
+        self.saved_errors = list(previous.get("pending_errors", []))
+        normalised = previous.get("normalised", {})
+        self.normalised, self.reasons = normalised.get("count", 0), Counter(normalised.get("reasons", {}))
+
+    def error_count(self) -> int:
+        return len(self.scan.errors) + len(self.saved_errors) + len(self.open_errors) + len(self.trailing_errors)
+
+    def manifest(self, complete: bool) -> dict:
+        data = {"kind": self.kind, "count": sum(s["count"] for s in self.shards), "shards": self.shards,
+                "source": self.source, "options": self.options, "version": TOOL_VERSION,
+                "normalised": {"count": self.normalised, "reasons": dict(self.reasons)},
+                "errors": len(self.scan.errors) + len(self.saved_errors), "ignored_files": self.scan.ignored,
+                "complete": complete}
+        if not complete:
+            data["pending_errors"] = self.saved_errors
+        return data
+
+    def skipped(self, errors: list) -> None:
+        self.trailing_errors += errors
+
+    def wrote(self, key: str, reasons: list) -> None:
+        self.open_keys.append(key)
+        self.open_errors += self.trailing_errors
+        self.trailing_errors = []
+        self.written += 1
+        if reasons:
+            self.normalised += 1
+            self.reasons.update(reasons)
+
+    def finish_shard(self, partial: str) -> None:
+        """ShardWriter's ``post``: index the shard, give it its final name, list it in the manifest."""
+        keys, self.open_keys = self.open_keys, []
+        if not keys:
+            os.unlink(partial)
+            return
+        final = self.out / f"{self.name}-{len(self.shards):06d}.tar"
+        write_index(partial, index_path(final))
+        digest, size = sha256_file(partial), os.path.getsize(partial)
+        os.replace(partial, final)
+        self.shards.append({"name": final.name, "count": len(keys), "sha256": digest, "bytes": size,
+                            "last_key": keys[-1]})
+        self.saved_errors += self.open_errors
+        self.open_errors = []
+        write_json(self.out / MANIFEST, self.manifest(complete=False))
+
+    def finish(self) -> dict:
+        """After the last shard: every broken input into errors.jsonl, the manifest marked complete."""
+        self.saved_errors += self.open_errors + self.trailing_errors
+        self.open_errors, self.trailing_errors = [], []
+        _write_errors(self.out, self.scan.errors + self.saved_errors)
+        manifest = self.manifest(complete=True)
+        write_json(self.out / MANIFEST, manifest)
+        return manifest
+
+
+def _previous_manifest(out: Path, kind: str, options: dict, source: dict, overwrite: bool) -> dict | None:
+    """The manifest of the same conversion already in ``out`` (finished or not), else None; a folder
+    holding another conversion is emptied with ``overwrite`` and refused without."""
+    if not (out / MANIFEST).is_file():
+        return None
+    try:
+        previous = json.loads((out / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        previous = None
+    same = (previous is not None and previous.get("kind") == kind and previous.get("options") == options
+            and previous.get("source") == source)
+    if same:
+        return previous
+    if not overwrite:
+        raise ConversionError(f"{out / MANIFEST}: this folder holds a different conversion; use another --out "
+                              "or --overwrite")
+    _clear_outputs(out)
+    return None
+
+
 def convert(kind: str, scan: Scan, out, *, name=None, source=None, limit=None, seed=0, maxcount=1000,
             maxsize=1e9, workers=1, on_error="skip", max_pixels=None, overwrite=False, progress=True) -> dict:
     """Convert the paired samples of ``scan`` into a shard folder ``out``; returns a summary dict."""
@@ -105,31 +211,18 @@ def convert(kind: str, scan: Scan, out, *, name=None, source=None, limit=None, s
     source = source or {}
 
     out.mkdir(parents=True, exist_ok=True)
-    previous = None
-    if (out / MANIFEST).is_file():
-        try:
-            previous = json.loads((out / MANIFEST).read_text())
-        except (OSError, json.JSONDecodeError):
-            previous = None
-        same = (previous is not None and previous.get("kind") == kind and previous.get("options") == options
-                and previous.get("source") == source)
-        if not same and not overwrite:
-            raise ConversionError(f"{out / MANIFEST}: this folder holds a different conversion; use another --out "
-                                  "or --overwrite")
-        if not same:
-            _clear_outputs(out)
-            previous = None
-        elif previous.get("complete"):
-            return {"kind": kind, "count": previous["count"], "shards": len(previous["shards"]),
-                    "errors": previous.get("errors", 0), "normalised": previous.get("normalised", {}).get("count", 0),
-                    "already_complete": True, "seconds": time.time() - start}
+    previous = _previous_manifest(out, kind, options, source, overwrite)
+    if previous and previous.get("complete"):
+        return {"kind": kind, "count": previous["count"], "shards": len(previous["shards"]),
+                "errors": previous.get("errors", 0), "normalised": previous.get("normalised", {}).get("count", 0),
+                "already_complete": True, "seconds": time.time() - start}
     for path in out.glob(f".{name}-*"):
         path.unlink()  # leftovers of a killed run
 
-    errors = list(scan.errors)
     if on_error == "fail":
+        errors = list(scan.errors)
         with _progress(len(specs), f"checking {kind}", progress) as bar:
-            for spec, (_, _, bad) in zip(specs, _results(kind, specs, workers, max_pixels)):
+            for _, _, bad in _results(kind, specs, workers, max_pixels):
                 errors.extend(bad or [])
                 bar.update()
         if errors:
@@ -137,75 +230,30 @@ def convert(kind: str, scan: Scan, out, *, name=None, source=None, limit=None, s
             raise ConversionError(f"{len(errors)} broken input(s), nothing converted (--on-error fail); "
                                   f"see {out / ERRORS}")
 
-    shards = list(previous["shards"]) if previous else []
-    done_errors = list(previous.get("pending_errors", [])) if previous else []
-    reasons = Counter(previous.get("normalised", {}).get("reasons", {})) if previous else Counter()
-    normalised = previous.get("normalised", {}).get("count", 0) if previous else 0
+    run = _Conversion(kind, name, out, source, options, scan)
     resume_at = 0
-    if shards:
+    if previous:
+        run.resume(previous)
         position = {s.key: i for i, s in enumerate(specs)}
-        if shards[-1]["last_key"] not in position:
+        if run.shards and run.shards[-1]["last_key"] not in position:
             raise ConversionError(f"{out / MANIFEST}: the inputs changed since the interrupted run; use --overwrite")
-        resume_at = position[shards[-1]["last_key"]] + 1
+        resume_at = position[run.shards[-1]["last_key"]] + 1 if run.shards else 0
     todo = specs[resume_at:]
 
-    # "errors": broken samples since the last written one; "shard_errors": those before it, which the
-    # current shard's last key covers when the run resumes.
-    state = {"keys": [], "errors": [], "shard_errors": [], "normalised": normalised, "reasons": reasons}
-
-    def manifest(complete):
-        count = sum(s["count"] for s in shards)
-        data = {"kind": kind, "count": count, "shards": shards, "source": source, "options": options,
-                "version": TOOL_VERSION, "normalised": {"count": state["normalised"], "reasons": dict(state["reasons"])},
-                "errors": len(errors) + len(done_errors), "ignored_files": scan.ignored,
-                "complete": complete}
-        if not complete:
-            data["pending_errors"] = done_errors
-        return data
-
-    def finish_shard(partial):
-        keys, state["keys"] = state["keys"], []
-        if not keys:
-            os.unlink(partial)
-            return
-        final = f"{name}-{len(shards):06d}.tar"
-        write_index(partial, out / index_name(final))
-        digest, size = sha256_file(partial), os.path.getsize(partial)
-        os.replace(partial, out / final)
-        shards.append({"name": final, "count": len(keys), "sha256": digest, "bytes": size, "last_key": keys[-1]})
-        done_errors.extend(state["shard_errors"])
-        state["shard_errors"] = []
-        write_json_atomic(out / MANIFEST, manifest(complete=False))
-
     writer = wds.ShardWriter(str(out / f".{name}-%06d.tar.partial"), maxcount=maxcount, maxsize=maxsize,
-                             post=finish_shard, start_shard=len(shards), verbose=0, encoder=False,
+                             post=run.finish_shard, start_shard=len(run.shards), verbose=0, encoder=False,
                              mtime=FIXED_MTIME, user="wsshm", group="wsshm", mode=0o444)
-    written = 0
     with _progress(len(todo), f"{kind} -> {out}", progress) as bar:
-        for spec, (members, why, bad) in zip(todo, _results(kind, todo, workers, max_pixels)):
-            bar.update()
+        for spec, (members, reasons, bad) in zip(todo, _results(kind, todo, workers, max_pixels)):
             if bad:
-                state["errors"].extend(bad)
-                bar.set_postfix(ok=written, errors=len(errors) + len(done_errors) + len(state["shard_errors"])
-                                + len(state["errors"]))
-                continue
-            writer.write({"__key__": spec.key, **members})
-            state["keys"].append(spec.key)
-            state["shard_errors"] += state["errors"]
-            state["errors"] = []
-            written += 1
-            if why:
-                state["normalised"] += 1
-                state["reasons"].update(why)
-            bar.set_postfix(ok=written, errors=len(errors) + len(done_errors) + len(state["shard_errors"]),
-                            refresh=False)
+                run.skipped(bad)
+            else:
+                writer.write({"__key__": spec.key, **members})  # may close the previous shard first
+                run.wrote(spec.key, reasons)
+            bar.update()
+            bar.set_postfix(ok=run.written, errors=run.error_count(), refresh=False)
     writer.close()  # finishes the last shard
-    done_errors.extend(state["shard_errors"] + state["errors"])
-    all_errors = errors + done_errors
-    _write_errors(out, all_errors)
-    final = manifest(complete=True)
-    write_json_atomic(out / MANIFEST, final)
-    seconds = time.time() - start
-    return {"kind": kind, "count": final["count"], "shards": len(shards), "errors": len(all_errors),
-            "normalised": state["normalised"], "resumed_after": resume_at, "converted_now": written,
-            "seconds": seconds, "already_complete": False}
+    manifest = run.finish()
+    return {"kind": kind, "count": manifest["count"], "shards": len(run.shards), "errors": manifest["errors"],
+            "normalised": run.normalised, "resumed_after": resume_at, "converted_now": run.written,
+            "seconds": time.time() - start, "already_complete": False}
