@@ -33,10 +33,12 @@ os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.device_count() else
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fidelity_data  # noqa: E402  (bench/ beside this file: data preparation)
 import fidelity_report  # noqa: E402  (tables, checks, figures)
+from wsshm.atomic import write_json  # noqa: E402
 from wsshm.train.checkpoint import latest_tag  # noqa: E402
 from wsshm.train.launch import ROOT, StepFailed, run_logged, stage_command, training_env  # noqa: E402
+from wsshm.train.options import LAUNCH_SCRIPTS, STAGE_DEFAULTS  # noqa: E402
 
-WEIGHTS = {"pretrain": "pretrain.safetensors", "teacher": "teacher.safetensors", "student": "student.safetensors"}
+WEIGHTS = {stage: defaults.weights_name for stage, defaults in STAGE_DEFAULTS.items()}
 # The student runs: Table 3's student and Table 5's row 1 are `default`; with the last two it makes
 # the candidates for the student's boundary head (and the EMA scope before the fix).
 STUDENT_RUNS = {
@@ -114,7 +116,7 @@ class Run:
 
 def student_flag_choices() -> dict[str, set[str]]:
     """The values ``launch/train_student.py --help`` offers for each of the new flags it has."""
-    help_text = subprocess.run([sys.executable, str(ROOT / "launch" / "train_student.py"), "--help"],
+    help_text = subprocess.run([sys.executable, str(ROOT / "launch" / LAUNCH_SCRIPTS["student"]), "--help"],
                                capture_output=True, text=True, cwd=ROOT, env=training_env(0)).stdout
     found = {flag: re.search(rf"--{flag} \{{([^}}]*)\}}", help_text) for flag in NEW_STUDENT_FLAGS}
     return {flag: set(match.group(1).split(",")) for flag, match in found.items() if match}
@@ -159,7 +161,7 @@ def train(run: Run, out: Path, env: dict, gpus: int, processes: int) -> float | 
     if run.weights(out).is_file():
         return None
     folder.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(settings))
+    write_json(record, settings)
     resume = ["--resume"] if latest_tag(folder / "checkpoints") else []
     cmd = stage_command(run.stage, ["--out", folder, *args, *resume], gpus, processes)
     return run_logged(cmd, out / "logs" / f"{run.name}.log", env, "bench_fidelity")

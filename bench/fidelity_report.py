@@ -15,7 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from wsshm.atomic import write_json
 from wsshm.demo import PAPER_ORDERINGS
+from wsshm.models import split_output
 
 # The paper's numbers (P3M validation set, seg 10K + matte 200; MSE x1e3, whole and boundary region).
 PAPER_TABLE3 = {"seg-only": (6.676, 48.088), "teacher": (6.991, 32.553), "student": (4.391, 28.776)}
@@ -44,7 +46,7 @@ class Timings:
         else:
             self.saved[name] = {"seconds": round(seconds, 1), "steps": steps}
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(json.dumps(self.saved, indent=1))
+            write_json(self.path, self.saved)
 
 
 # ---------------------------------------------------------------------------- measurements
@@ -57,7 +59,7 @@ class BoundaryHead(nn.Module):
         self.net = net
 
     def forward(self, x):
-        return self.net(x)[1]
+        return split_output(self.net(x))[1]
 
 
 @functools.lru_cache(maxsize=2)
@@ -304,7 +306,7 @@ def _times(timings: Timings) -> list[str]:
 def write_report(out: Path, preset, runs: list, results: dict, timings: Timings, data: dict,
                  notes: list[str], wall: float, gpus: int, scale: float) -> Path:
     """``results.json``, ``loss_curves.png``, ``samples.png`` and ``report.md``; returns the report's path."""
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    write_json(out / "results.json", results)
     trained = {run.name: run for run in runs if run.weights(out).is_file()}
     loss_figure({name: run.folder(out) / "loss.csv" for name, run in trained.items()}, out / "loss_curves.png")
     sheet = {"seg-only": "pretrain", "teacher": "teacher", "student": "student-default"}

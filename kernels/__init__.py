@@ -4,6 +4,6 @@
 ``wsshm.losses.student_loss`` and compute their gradient in the same pass over the pixels
 (docs/kernels.md).
 """
-from .fused import INTERPRET, fused_student_loss, fused_teacher_loss
+from .fused import INTERPRET, fused_student_loss, fused_teacher_loss, triton_on_cpu
 
-__all__ = ["fused_teacher_loss", "fused_student_loss", "INTERPRET"]
+__all__ = ["fused_teacher_loss", "fused_student_loss", "triton_on_cpu", "INTERPRET"]

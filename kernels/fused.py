@@ -1,9 +1,11 @@
 """``fused_teacher_loss`` and ``fused_student_loss``: input checks, dispatch and the autograd Function.
 
-Dispatch: CUDA tensors run the Triton kernels; CPU tensors run the ``wsshm.losses`` reference, unless
-``TRITON_INTERPRET=1`` was set when this module was imported, in which case CPU tensors run the same
-Triton kernels in Triton's interpreter. Triton itself reads the variable when a kernel is decorated,
-i.e. at import, so it is read here at import too (``INTERPRET``); changing it later has no effect.
+Dispatch, decided here and nowhere else: CUDA tensors run the Triton kernels; CPU tensors run the
+``wsshm.losses`` reference (what training on a CPU uses), except inside ``triton_on_cpu()``, which runs
+the same Triton kernels on CPU tensors in Triton's interpreter, to test them without a GPU. The
+interpreter is about 500x slower than the reference, so nothing else asks for it. Triton reads
+``TRITON_INTERPRET`` when a kernel is decorated, i.e. at import, so ``triton_on_cpu()`` needs it set
+before this module is imported (``INTERPRET``).
 
 The forward pass computes the loss and, when a gradient is wanted, the gradient too (one pass); the
 backward only scales the saved gradient by ``grad_output`` (skipped on the device when it is 1).
@@ -11,6 +13,7 @@ backward only scales the saved gradient by ``grad_output`` (skipped on the devic
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 import os
 
@@ -18,6 +21,7 @@ import torch
 from torch import Tensor
 
 from wsshm import losses
+from wsshm.models.outputs import probabilities
 
 try:
     import triton
@@ -67,12 +71,28 @@ def _check_inputs(fn: str, tensors: dict[str, Tensor], mask_ok: tuple[str, ...])
     return first
 
 
+_TRITON_ON_CPU = contextvars.ContextVar("wsshm_kernels_triton_on_cpu", default=False)
+
+
+@contextlib.contextmanager
+def triton_on_cpu():
+    """Within this block CPU tensors run the Triton kernels in Triton's interpreter (for tests)."""
+    if not (INTERPRET and K is not None):
+        raise RuntimeError("wsshm.kernels.triton_on_cpu needs triton and TRITON_INTERPRET=1 set before "
+                           "wsshm.kernels is imported")
+    token = _TRITON_ON_CPU.set(True)
+    try:
+        yield
+    finally:
+        _TRITON_ON_CPU.reset(token)
+
+
 def _runs_triton(x: Tensor) -> bool:
     if x.device.type == "cuda":
         if K is None:
             raise RuntimeError("wsshm.kernels: CUDA tensors need triton, which is not installed")
         return True
-    return x.device.type == "cpu" and INTERPRET and K is not None
+    return x.device.type == "cpu" and _TRITON_ON_CPU.get()
 
 
 def _tile(H: int, W: int, device: torch.device) -> tuple[int, int, int, int]:
@@ -167,10 +187,6 @@ def _run(P, Q, T0, At, S, **options) -> Tensor:
     return _FusedMatteLoss.apply(P, Q, T0, At, S, dict(options, grad_p=grad_p, grad_q=grad_q))
 
 
-def _probabilities(x: Tensor, from_logits: bool) -> Tensor:
-    return x.float().sigmoid() if from_logits else x
-
-
 def fused_teacher_loss(P: Tensor, Q: Tensor, M: Tensor, lam: float = 0.01,
                        from_logits: bool = False) -> Tensor:
     """``wsshm.losses.teacher_loss(P, Q, M, lam)`` and its gradient in ``P`` and ``Q`` in one pass.
@@ -180,7 +196,7 @@ def fused_teacher_loss(P: Tensor, Q: Tensor, M: Tensor, lam: float = 0.01,
     """
     _check_inputs("fused_teacher_loss", {"P": P, "Q": Q, "M": M}, mask_ok=())
     if not _runs_triton(P):
-        return losses.teacher_loss(_probabilities(P, from_logits), _probabilities(Q, from_logits),
+        return losses.teacher_loss(probabilities(P, from_logits), probabilities(Q, from_logits),
                                    M, lam)
     return _run(P, Q, M, M, M, target=K.TARGET_MATTE.value, lam=lam, threshold=None,
                 from_logits=from_logits)
@@ -199,8 +215,8 @@ def fused_student_loss(P: Tensor, Mt: Tensor, At: Tensor, S: Tensor, threshold: 
     inputs = {"P": P, "Mt": Mt, "At": At, "S": S} | ({"Q": Q} if Q is not None else {})
     _check_inputs("fused_student_loss", inputs, mask_ok=("At", "S"))
     if not _runs_triton(P):
-        return losses.student_loss(_probabilities(P, from_logits), Mt, At, S, threshold,
-                                   None if Q is None else _probabilities(Q, from_logits), lam)
+        return losses.student_loss(probabilities(P, from_logits), Mt, At, S, threshold,
+                                   None if Q is None else probabilities(Q, from_logits), lam)
     target = (K.TARGET_BLEND_SOFT if threshold is None else K.TARGET_BLEND_HARD).value
     return _run(P, Q, Mt, At, S, target=target, lam=lam if Q is not None else 0.0, threshold=threshold,
                 from_logits=from_logits)

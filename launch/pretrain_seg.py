@@ -1,8 +1,7 @@
 """Stage 'pretrain' of the paper's recipe; run with `deepspeed launch/pretrain_seg.py --help` (docs/training.md)."""
 import sys
-from pathlib import Path
 
 from wsshm.train import main
 
 if __name__ == "__main__":
-    sys.exit(main("pretrain", default_config=str(Path(__file__).resolve().parent / "configs" / "zero1.json")))
+    sys.exit(main("pretrain"))

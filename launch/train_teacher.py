@@ -1,8 +1,7 @@
 """Stage 'teacher' of the paper's recipe; run with `deepspeed launch/train_teacher.py --help` (docs/training.md)."""
 import sys
-from pathlib import Path
 
 from wsshm.train import main
 
 if __name__ == "__main__":
-    sys.exit(main("teacher", default_config=str(Path(__file__).resolve().parent / "configs" / "zero1.json")))
+    sys.exit(main("teacher"))

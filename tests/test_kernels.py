@@ -1,9 +1,9 @@
 """The fused Triton losses against the ``wsshm.losses`` reference: values and gradients.
 
-On a CUDA machine the kernels run compiled; elsewhere they run in Triton's interpreter, which needs
-``TRITON_INTERPRET=1`` in the environment before ``wsshm.kernels`` is imported (``make test`` sets it
-when there is no GPU). Without either, the kernel tests skip rather than compare the reference with
-itself.
+On a CUDA machine the kernels run compiled; elsewhere they run on CPU tensors in Triton's interpreter
+(``triton_on_cpu()``), which needs ``TRITON_INTERPRET=1`` in the environment before ``wsshm.kernels``
+is imported (``make test`` sets it when there is no GPU). Without either, the kernel tests skip rather
+than compare the reference with itself.
 
 The reference runs on the same input values upcast to fp32 (SPEC: fp32 arithmetic after upcasting).
 Tolerances: the loss agrees to rtol 1e-5 in every dtype (fp32 sums of the same terms, in another
@@ -11,9 +11,6 @@ order). Gradients: fp32 to rtol 1e-5; bf16 and fp16 gradients are the fp32 gradi
 nearest, so rtol 2**-8 (bf16) and 2**-11 (fp16); all plus 1e-5 of the largest gradient for the
 summation order.
 """
-import os
-import subprocess
-import sys
 import zlib
 
 import pytest
@@ -21,12 +18,24 @@ import torch
 
 import wsshm.kernels.fused as fused
 from wsshm import losses
-from wsshm.kernels import INTERPRET, fused_student_loss, fused_teacher_loss
+from wsshm.kernels import INTERPRET, fused_student_loss, fused_teacher_loss, triton_on_cpu
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 kernel_runs = pytest.mark.skipif(
     not (HAS_CUDA or INTERPRET), reason="no CUDA and TRITON_INTERPRET=1 was not set at import")
+
+
+
+@pytest.fixture(autouse=True)
+def _kernels_on_cpu(request):
+    """CPU tensors run the Triton kernels (interpreted), except in tests of the reference dispatch."""
+    if HAS_CUDA or not INTERPRET or request.node.get_closest_marker("reference_dispatch"):
+        yield
+        return
+    with triton_on_cpu():
+        yield
+
 
 SIZES = [(2, 1, 67, 131), (1, 1, 1, 9), (3, 1, 5, 1)]
 EDGES = torch.tensor([0.0, 0.05, 0.95, 0.5, 1.0])
@@ -270,25 +279,28 @@ def test_bad_inputs_are_named(call, message):
         call(x)
 
 
-def test_cpu_without_interpreter_runs_the_reference():
-    """Dispatch: with TRITON_INTERPRET unset, CPU tensors go to wsshm.losses (logits handled)."""
-    code = (
-        "import torch\n"
-        "from wsshm import losses\n"
-        "import wsshm.kernels as k\n"
-        "assert k.INTERPRET is False\n"
-        "g = torch.Generator().manual_seed(0)\n"
-        "P, Q, M, S = (torch.rand(2, 1, 7, 9, generator=g) for _ in range(4))\n"
-        "a = k.fused_teacher_loss(P, Q, M, from_logits=True)\n"
-        "assert torch.equal(a, losses.teacher_loss(P.sigmoid(), Q.sigmoid(), M)), a\n"
-        "b = k.fused_student_loss(P, M, Q, S.round(), threshold=None)\n"
-        "assert torch.equal(b, losses.student_loss(P, M, Q, S.round(), None)), b\n"
-        "print('ok')\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+@pytest.mark.reference_dispatch
+def test_cpu_tensors_run_the_reference_outside_triton_on_cpu(monkeypatch):
+    """Dispatch: CPU tensors go to wsshm.losses (logits handled), whatever TRITON_INTERPRET says."""
+    monkeypatch.setattr(fused, "_launch", lambda *a, **k: pytest.fail("a kernel was launched"))
+    g = torch.Generator().manual_seed(0)
+    P, Q, M, S = (torch.rand(2, 1, 7, 9, generator=g) for _ in range(4))
+    a = fused_teacher_loss(P, Q, M, from_logits=True)
+    assert torch.equal(a, losses.teacher_loss(P.sigmoid(), Q.sigmoid(), M)), a
+    b = fused_student_loss(P, M, Q, S.round(), threshold=None)
+    assert torch.equal(b, losses.student_loss(P, M, Q, S.round(), None)), b
+
+
+@pytest.mark.reference_dispatch
+def test_triton_on_cpu_says_what_it_needs():
+    if INTERPRET:
+        with triton_on_cpu():
+            assert fused._runs_triton(torch.zeros(1))
+        assert not fused._runs_triton(torch.zeros(1))
+    else:
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            with triton_on_cpu():
+                pass
 
 
 @pytest.mark.gpu

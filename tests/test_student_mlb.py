@@ -23,10 +23,10 @@ import pytest
 import torch
 
 from wsshm.train import main
+from wsshm.train.launch import free_port
 
 pytestmark = pytest.mark.xdist_group("mlb")  # one worker builds the stage-1 fixture once
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = str(ROOT / "launch" / "configs" / "zero1.json")
 ARCH = "unet_r18_w0.25"
 COMMON = ["--arch", ARCH, "--crop-sizes", "32", "--batch-size", "4", "--num-workers", "0", "--save-every", "0",
           "--log-every", "1", "--image-every", "0"]
@@ -35,15 +35,11 @@ COMMON = ["--arch", ARCH, "--crop-sizes", "32", "--batch-size", "4", "--num-work
 @pytest.fixture(scope="module")
 def one_process():
     """The environment the ``deepspeed`` launcher would give rank 0 of a one-process run."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # these tiny networks train 2-5x faster on one thread of a small, busy CPU
     with pytest.MonkeyPatch.context() as patch:
         for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+                               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())).items():
             patch.setenv(key, value)
         yield
     torch.set_num_threads(threads)
@@ -57,11 +53,11 @@ def stage1(tmp_path_factory, one_process):
     data = {k: Path(v) for k, v in generate(root / "data", size=64, mattes=8, backgrounds=4, seg=16,
                                             eval_natural=4, eval_synthetic=1).items()}
     assert main("pretrain", ["--out", str(root / "pretrain"), "--seg", str(data["seg"]), "--steps", "80",
-                             "--lr", "2e-3", *COMMON], default_config=CONFIG) == 0
+                             "--lr", "2e-3", *COMMON]) == 0
     # lam 1: a boundary head worth keeping within a test's budget
     assert main("teacher", ["--out", str(root / "teacher"), "--matte", str(data["matte"]), "--background",
                             str(data["background"]), "--init", str(root / "pretrain" / "pretrain.safetensors"),
-                            "--steps", "150", "--lr", "2e-3", "--lam", "1.0", *COMMON], default_config=CONFIG) == 0
+                            "--steps", "150", "--lr", "2e-3", "--lam", "1.0", *COMMON]) == 0
     return root, data
 
 
@@ -89,7 +85,7 @@ def run_student(root: Path, data: dict, name: str, *extra) -> Path:
     code = main("student", ["--out", str(out), "--seg", str(data["seg"]), "--teacher",
                             str(root / "teacher" / "teacher.safetensors"), "--init",
                             str(root / "pretrain" / "pretrain.safetensors"), "--steps", "40", "--lr", "1e-3",
-                            "--ema-momentum", "0.95", *COMMON, *extra], default_config=CONFIG)
+                            "--ema-momentum", "0.95", *COMMON, *extra])
     assert code == 0
     return out
 

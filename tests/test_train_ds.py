@@ -9,7 +9,6 @@ import contextlib
 import fcntl
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from wsshm.train.launch import free_port
+from wsshm.train.options import LAUNCH_SCRIPTS
+
 pytestmark = pytest.mark.xdist_group("ds")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,12 +27,6 @@ ARCH = "unet_r18_w0.25"
 COMMON = ["--arch", ARCH, "--crop-sizes", "32", "--batch-size", "4", "--num-workers", "0", "--log-every", "1",
           "--image-every", "2"]
 TIMEOUT = 300
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -44,10 +40,10 @@ def one_run_at_a_time(shared: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def launch(script: str, *args, zero: int) -> subprocess.Popen:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TRITON_INTERPRET": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_port()),
-           str(ROOT / "launch" / script), *COMMON, "--zero-stage", str(zero), *map(str, args)]
+def launch(stage: str, *args, zero: int) -> subprocess.Popen:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+           str(ROOT / "launch" / LAUNCH_SCRIPTS[stage]), *COMMON, "--zero-stage", str(zero), *map(str, args)]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
@@ -86,9 +82,9 @@ def pipeline(shared):
         if not (root / "teacher" / "teacher.safetensors").exists():
             from wsshm.shards.demo_data import generate
             generate(root / "data", size=64, mattes=6, backgrounds=4, seg=12, eval_natural=1, eval_synthetic=1)
-            finish(launch("pretrain_seg.py", "--out", root / "pretrain", "--seg", root / "data" / "seg",
+            finish(launch("pretrain", "--out", root / "pretrain", "--seg", root / "data" / "seg",
                           "--steps", "4", "--save-every", "2", zero=2))
-            finish(launch("train_teacher.py", "--out", root / "teacher", "--matte", root / "data" / "matte",
+            finish(launch("teacher", "--out", root / "teacher", "--matte", root / "data" / "matte",
                           "--background", root / "data" / "background",
                           "--init", root / "pretrain" / "pretrain.safetensors", "--steps", "3",
                           "--save-every", "0", zero=3))
@@ -96,7 +92,7 @@ def pipeline(shared):
 
 
 def student(root: Path, data: dict, out: str, zero: int, *extra) -> subprocess.Popen:
-    return launch("train_student.py", "--out", root / out, "--seg", data["seg"],
+    return launch("student", "--out", root / out, "--seg", data["seg"],
                   "--teacher", root / "teacher" / "teacher.safetensors",
                   "--init", root / "pretrain" / "pretrain.safetensors", "--ema-momentum", "0.5",
                   "--steps", "8", "--save-every", "2", *extra, zero=zero)
@@ -165,7 +161,7 @@ def test_bf16_training_saves_the_fp32_master_weights(pipeline, shared):
     saved weights must be the masters (collected from both ranks' ZeRO-3 partitions)."""
     root, data = pipeline
     with one_run_at_a_time(shared):
-        finish(launch("pretrain_seg.py", "--out", root / "pretrain-bf16", "--seg", data["seg"], "--steps", "3",
+        finish(launch("pretrain", "--out", root / "pretrain-bf16", "--seg", data["seg"], "--steps", "3",
                       "--save-every", "0", "--precision", "bf16", zero=3))
     saved = weights(root / "pretrain-bf16" / "pretrain.safetensors")
     floats = {k: t for k, t in saved.items() if t.is_floating_point()}

@@ -1,8 +1,8 @@
 """``make demo``: the paper's whole pipeline at a small size, end to end, then a report.
 
 1. ``wsshm-shard demo`` writes the built-in data (matte, background, seg, eval-natural, eval-synthetic);
-2. ``deepspeed launch/pretrain_seg.py``, ``launch/train_teacher.py``, ``launch/train_student.py`` on 2
-   CPU processes (all GPUs when there are any);
+2. ``launch/pretrain_seg.py``, ``launch/train_teacher.py``, ``launch/train_student.py``: one CPU
+   process, or ``deepspeed`` on all GPUs when there are any;
 3. ``wsshm-eval`` scores teacher and student on both evaluation sets;
 4. ``runs/demo/report.md`` gets the loss curves, the metrics tables, pictures, and whether the student
    beats the teacher on natural images (the question of the paper's Table 3).
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from wsshm.train.launch import CPU_PROCESSES, CPU_THREADS, ROOT, run_logged, stage_command, training_env
+from wsshm.train.options import STAGE_DEFAULTS
 
 ARCH = "unet_r18_w0.25"
 IMAGE_SIZE = 128  # demo images are 128 x 96; training crops 64, evaluation at the native size
@@ -39,15 +40,20 @@ def stage_steps(scale: float) -> dict[str, int]:
     return {stage: max(10, int(n * scale)) for stage, n in STEPS.items()}
 
 
+def weights(out: Path, stage: str) -> Path:
+    """Where a stage of the demo leaves its final weights."""
+    return out / stage / STAGE_DEFAULTS[stage].weights_name
+
+
 def stage_commands(data: Path, out: Path, steps: dict[str, int], gpus: int) -> dict[str, list[str]]:
     common = ["--arch", ARCH, "--crop-sizes", str(CROP), "--batch-size", str(BATCH), "--num-workers", "1",
               "--log-every", "5", "--image-every", "50", "--save-every", "100"]
     args = {
         "pretrain": ["--seg", data / "seg", "--lr", "1e-3"],
         "teacher": ["--matte", data / "matte", "--background", data / "background", "--lr", "5e-4",
-                    "--init", out / "pretrain" / "pretrain.safetensors"],
-        "student": ["--seg", data / "seg", "--lr", "5e-4", "--teacher", out / "teacher" / "teacher.safetensors",
-                    "--init", out / "pretrain" / "pretrain.safetensors", "--ema-momentum", "0.99"],
+                    "--init", weights(out, "pretrain")],
+        "student": ["--seg", data / "seg", "--lr", "5e-4", "--teacher", weights(out, "teacher"),
+                    "--init", weights(out, "pretrain"), "--ema-momentum", "0.99"],
     }
     return {stage: stage_command(stage, ["--out", out / stage, "--steps", steps[stage],
                                          "--warmup-steps", max(1, steps[stage] // 20), *common, *args[stage]], gpus)
@@ -187,11 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     for who, stage in MODELS.items():
         for dataset in ("eval-natural", "eval-synthetic"):
             target = out / "eval" / who / dataset
-            run_logged([sys.executable, "-m", "wsshm.evaluate", "--weights", str(out / stage / f"{stage}.safetensors"),
+            run_logged([sys.executable, "-m", "wsshm.evaluate", "--weights", str(weights(out, stage)),
                         "--data", str(data / dataset), "--out", str(target), "--name", who,
                         "--short-side", str(short_side)], out / "logs" / f"eval-{who}-{dataset}.log", env, "demo")
             results[(who, dataset)] = json.loads((target / "metrics.json").read_text())
-    sample_sheet(out / "teacher" / "teacher.safetensors", out / "student" / "student.safetensors",
+    sample_sheet(weights(out, "teacher"), weights(out, "student"),
                  data / "eval-natural", out / "samples.png", short_side)
     timings["evaluation"] = time.perf_counter() - start
     loss_plot({stage: out / stage / "loss.csv" for stage in STEPS}, out / "loss_curves.png")

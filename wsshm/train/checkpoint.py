@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
+from wsshm.atomic import write_json
+
 
 def _deepspeed_safe_globals() -> list:
     """Plain-data classes that appear inside DeepSpeed's own checkpoint dicts."""
@@ -70,7 +72,4 @@ def read_run_info(out: Path) -> dict | None:
 
 
 def write_run_info(out: Path, info: dict) -> None:
-    path = Path(out) / "run.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(info, indent=2, sort_keys=True))
-    tmp.replace(path)
+    write_json(Path(out) / "run.json", info, indent=2)

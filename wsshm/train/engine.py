@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import sys
 import time
 import warnings
@@ -24,6 +23,7 @@ from deepspeed.accelerator import get_accelerator
 
 from wsshm.train.checkpoint import (SafeCheckpointEngine, latest_tag, prune_checkpoints, read_run_info,
                                     write_run_info)
+from wsshm.train.launch import free_port
 from wsshm.train.monitor import Monitor
 from wsshm.train.options import STAGE_DEFAULTS, ConfigError, build_parser, load_ds_config
 from wsshm.train.stages import STAGES, Stage, TrainingView
@@ -38,11 +38,8 @@ def _ensure_distributed_env() -> None:
     """Lets ``python launch/x.py`` run as a single process without the ``deepspeed`` launcher."""
     if "RANK" in os.environ:
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 
 
 def _broadcast(value, rank: int):
@@ -73,7 +70,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ checks
     def check(self) -> dict:
-        """Every configuration mistake we can see before training, as a ``ConfigError``."""
+        """Every configuration mistake we can see before training, as a ``ConfigError``; returns the
+        DeepSpeed config."""
         config = load_ds_config(self.args, self.world, self.use_bf16)
         self.stage.check()
         if self.args.resume:
@@ -95,19 +93,20 @@ class Trainer:
         return config
 
     def checked_config(self) -> dict:
-        message = None
+        """Rank 0 checks and reads the config; every rank gets rank 0's config or its one-line error."""
+        config, message = None, None
         if self.rank == 0:
             try:
-                self.check()
+                config = self.check()
             except ConfigError as error:
                 message = str(error)
-        message = _broadcast(message, self.rank)
+        config, message = _broadcast((config, message), self.rank)
         if message:
             if self.rank == 0:
                 print(f"wsshm {self.stage.name}: error: {message}", file=sys.stderr, flush=True)
             deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's cached groups
             sys.exit(EXIT_CONFIG)
-        return load_ds_config(self.args, self.world, self.use_bf16)
+        return config
 
     # ------------------------------------------------------------------ setup
     def setup(self, ds_config: dict) -> None:
@@ -119,7 +118,7 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(model=view, model_parameters=view.parameters(),
                                                     config=ds_config)
         self.engine.checkpoint_engine = SafeCheckpointEngine(self.engine._config)
-        self.loader = build_loader(self.stage.form, **self.stage.loader_kwargs(),
+        self.loader = build_loader(self.stage.name, **self.stage.loader_kwargs(),
                                    batch_size=ds_config["train_micro_batch_size_per_gpu"],
                                    crop_sizes=tuple(self.args.crop_sizes), rank=self.rank,
                                    world_size=self.world, device=str(self.device), backend=self.args.backend,

@@ -14,12 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-from wsshm.train.options import LAUNCH_SCRIPTS
+from wsshm.train.options import LAUNCH_SCRIPTS, ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 # Without a GPU: one process on one thread trains the small networks of the demo and the study
-# fastest on a small, shared CPU (docs/benchmarks.md: 2x two gloo ranks; OpenMP's threads wait for
-# each other whenever another job holds a core).
+# fastest on a small, shared CPU (docs/benchmarks.md): OpenMP's threads wait for each other whenever
+# another job holds a core, and gloo ranks add their all-reduce.
 CPU_PROCESSES = 1
 CPU_THREADS = 1
 
@@ -37,11 +36,9 @@ def free_port() -> int:
 
 def training_env(gpus: int, threads: int = CPU_THREADS) -> dict:
     """The environment for the children: unbuffered output, and without a GPU DeepSpeed's CPU
-    accelerator and Triton's interpreter (values already set by the caller win) and ``threads``
-    torch threads per process."""
+    accelerator (a value already set by the caller wins) and ``threads`` torch threads per process."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.setdefault("DS_ACCELERATOR", "cuda" if gpus else "cpu")
-    env.setdefault("TRITON_INTERPRET", "0" if gpus else "1")
     if not gpus:
         env["OMP_NUM_THREADS"] = str(threads)
     return env

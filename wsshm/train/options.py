@@ -29,7 +29,10 @@ STAGE_DEFAULTS = {
     "student": StageDefaults("student", lr=5e-5, steps=20_000, weights_name="student.safetensors"),
 }
 DEFAULT_ARCH = "unet_r18"
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: launch/ lives beside wsshm/
 LAUNCH_SCRIPTS = {"pretrain": "pretrain_seg.py", "teacher": "train_teacher.py", "student": "train_student.py"}
+# What only DeepSpeed reads (optimizer, scheduler, clipping); the ZeRO stage is --zero-stage.
+DEFAULT_DS_CONFIG = ROOT / "launch" / "configs" / "deepspeed.json"
 
 
 class ConfigError(Exception):
@@ -37,6 +40,7 @@ class ConfigError(Exception):
 
 
 def build_parser(stage: str, default_config: str | None = None) -> argparse.ArgumentParser:
+    """The stage's command line; ``default_config`` replaces ``DEFAULT_DS_CONFIG``."""
     defaults = STAGE_DEFAULTS[stage]
     parser = argparse.ArgumentParser(
         prog=f"deepspeed launch/{LAUNCH_SCRIPTS[stage]}",
@@ -59,7 +63,8 @@ def build_parser(stage: str, default_config: str | None = None) -> argparse.Argu
         data.add_argument("--background", required=True, help="backgrounds to composite onto")
         data.add_argument("--num-matte", type=int, default=None, help="use a deterministic subset of K")
     data.add_argument("--crop-sizes", type=int, nargs="+", default=[512, 768],
-                      help="multi-scale square crops (each a multiple of 32)")
+                      help="square crop sides, multiples of 32: one size; LO HI for every multiple of 32 from "
+                           "LO to HI (default: the paper's 512..768); or three or more exact sizes")
     data.add_argument("--backend", choices=["torch", "dali"], default="torch")
     data.add_argument("--num-workers", type=int, default=2)
     optim = parser.add_argument_group("optimisation")
@@ -68,7 +73,7 @@ def build_parser(stage: str, default_config: str | None = None) -> argparse.Argu
     optim.add_argument("--warmup-steps", type=int, default=None, help="default: min(1000, steps // 10), at least 1")
     optim.add_argument("--batch-size", type=int, default=16, help="global batch (all ranks together)")
     optim.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None,
-                       help="override the config's zero_optimization.stage")
+                       help="ZeRO stage (default: the config's zero_optimization.stage, 1)")
     optim.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                        help="auto: bf16 on GPU, fp32 on CPU")
     optim.add_argument("--seed", type=int, default=0)
@@ -100,7 +105,7 @@ def build_parser(stage: str, default_config: str | None = None) -> argparse.Argu
     logs.add_argument("--log-every", type=int, default=10, help="TensorBoard scalars every N steps")
     logs.add_argument("--image-every", type=int, default=500, help="TensorBoard image grids every N steps")
     parser = deepspeed.add_config_arguments(parser)
-    parser.set_defaults(deepspeed_config=default_config)
+    parser.set_defaults(deepspeed_config=str(default_config or DEFAULT_DS_CONFIG))
     return parser
 
 
@@ -114,7 +119,7 @@ def warmup_steps(args) -> int:
 def load_ds_config(args, world_size: int, use_bf16: bool) -> dict:
     """The JSON config with the command line's batch, lr, schedule, ZeRO stage and precision."""
     if not args.deepspeed_config:
-        raise ConfigError("no DeepSpeed config: pass --deepspeed_config launch/configs/zero1.json")
+        raise ConfigError(f"no DeepSpeed config: pass --deepspeed_config {DEFAULT_DS_CONFIG}")
     path = Path(args.deepspeed_config)
     try:
         config = json.loads(path.read_text())

@@ -1,8 +1,8 @@
 """The three stages of the paper's recipe, as plug-ins of the one engine in ``engine.py``.
 
 A stage says which network is trained, which loader feeds it, how a batch becomes a loss, what to
-log, and what extra state (the EMA teacher) a checkpoint must carry. The loss math itself lives in
-``wsshm.losses`` (reference, used on CPU) and ``wsshm.kernels`` (fused, used on GPU).
+log, and what extra state (the EMA teacher) a checkpoint must carry. The losses are
+``wsshm.kernels``' (fused on a GPU; it runs the ``wsshm.losses`` reference on a CPU).
 """
 from __future__ import annotations
 
@@ -15,51 +15,25 @@ from torch import Tensor, nn
 
 from wsshm import losses
 from wsshm.image import denormalize
+from wsshm.kernels import fused_student_loss, fused_teacher_loss
+from wsshm.models.outputs import forward_maps, has_logits, probabilities
 from wsshm.train.options import DEFAULT_ARCH, ConfigError
 
 BOUNDARY_HEAD = "boundary_head."  # parameter-name prefix of MattingNet's boundary head
 
 
-# ----------------------------------------------------------------------------- losses on any device
-def _probabilities(x: Tensor, from_logits: bool) -> Tensor:
-    return x.float().sigmoid() if from_logits else x.float()
-
-
-def teacher_loss(P: Tensor, Q: Tensor, M: Tensor, lam: float, from_logits: bool) -> Tensor:
-    """Eq. 2: fused Triton kernel on GPU, the ``wsshm.losses`` reference on CPU."""
-    if P.is_cuda:
-        from wsshm.kernels import fused_teacher_loss
-        return fused_teacher_loss(P, Q, M, lam=lam, from_logits=from_logits)
-    return losses.teacher_loss(_probabilities(P, from_logits), _probabilities(Q, from_logits), M, lam=lam)
-
-
-def student_loss(P: Tensor, Mt: Tensor, At: Tensor, S: Tensor, threshold: float | None,
-                 from_logits: bool, Q: Tensor | None = None, lam: float = 0.01) -> Tensor:
-    """Matte Label Blending loss (hard or soft, with the boundary term when ``Q`` is given): fused on
-    GPU, reference on CPU."""
-    if P.is_cuda:
-        from wsshm.kernels import fused_student_loss
-        return fused_student_loss(P, Mt, At, S, threshold=threshold, from_logits=from_logits, Q=Q, lam=lam)
-    Q = None if Q is None else _probabilities(Q, from_logits)
-    return losses.student_loss(_probabilities(P, from_logits), Mt, At, S, threshold=threshold, Q=Q, lam=lam)
-
-
 # ----------------------------------------------------------------------------- networks
 class TrainingView(nn.Module):
-    """What DeepSpeed wraps: ``forward`` returns ``(matte, boundary or None)`` as logits when the
-    network has ``forward_logits`` (``self.from_logits``), else as the network's probabilities.
-    The wrapped network stays reachable as ``.net`` for export and EMA."""
+    """What DeepSpeed wraps: ``forward`` returns ``(matte, boundary or None)``, as logits when the
+    network has them (``self.from_logits``). The network stays reachable as ``.net`` for export and EMA."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
-        self.from_logits = hasattr(net, "forward_logits")
+        self.from_logits = has_logits(net)
 
     def forward(self, x: Tensor):
-        out = self.net.forward_logits(x) if self.from_logits else self.net(x)
-        if isinstance(out, Tensor):
-            return out, None
-        return out[0], (out[1] if len(out) > 1 else None)
+        return forward_maps(self.net, x, logits=self.from_logits)
 
 
 def load_weights_checked(path: str, what: str) -> nn.Module:
@@ -89,19 +63,13 @@ def build_network(args) -> nn.Module:
     return build_model(arch)
 
 
-def check_shard_folder(folder: str, option: str, num_samples: int | None = None) -> int:
-    """Fail fast on a missing, broken or empty shard folder; returns its sample count."""
-    from wsshm.shards import read_manifest, shard_paths
+def check_shard_folder(folder: str, option: str, kind: str, num_samples: int | None = None) -> None:
+    """``wsshm.shards.check_folder`` with its error as a one-line ``ConfigError`` naming the option."""
+    from wsshm.shards import ShardFolderError, check_folder
     try:
-        count = int(read_manifest(folder).get("count", 0))
-        paths = shard_paths(folder)
-    except Exception as error:  # noqa: BLE001 - any reason becomes one line for the user
-        raise ConfigError(f"{option} {folder}: {error}".replace("\n", " ")) from None
-    if count <= 0 or not paths:
-        raise ConfigError(f"{option} {folder}: the folder holds no samples")
-    if num_samples is not None and not 0 < num_samples <= count:
-        raise ConfigError(f"{option} {folder} holds {count} samples; cannot select {num_samples}")
-    return count
+        check_folder(folder, kind, num_samples)
+    except ShardFolderError as error:
+        raise ConfigError(f"{option} {error}") from None
 
 
 # ----------------------------------------------------------------------------- stages
@@ -112,22 +80,33 @@ class StepOutput:
 
 
 class Stage(abc.ABC):
-    name = ""
-    form = ""
+    name = ""  # also the loader form (wsshm.data) and the launch script's stage
 
     def __init__(self, args):
         self.args = args
+        self._network: nn.Module | None = None
 
     def check(self) -> None:
-        """Rank 0, before anything is built: raise ``ConfigError`` on a mistake."""
-        for value in self.args.crop_sizes:
-            if value <= 0 or value % 32:
-                raise ConfigError(f"--crop-sizes {value}: each crop side must be a positive multiple of 32")
+        """Rank 0, before anything else: raise ``ConfigError`` on a mistake."""
+        from wsshm.data.params import candidate_sizes
+        try:
+            candidate_sizes(self.args.crop_sizes)
+        except ValueError as error:
+            raise ConfigError(f"--crop-sizes {' '.join(map(str, self.args.crop_sizes))}: {error}") from None
         if self.args.steps <= 0:
             raise ConfigError(f"--steps {self.args.steps}: must be positive")
-        build_network(self.args)
+        self.network()
 
     def network(self) -> nn.Module:
+        """The trained network, built once per process (rank 0 builds it while checking), from
+        ``--seed`` and without touching the global random state."""
+        if self._network is None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.args.seed)
+                self._network = self.build_network()
+        return self._network
+
+    def build_network(self) -> nn.Module:
         return build_network(self.args)
 
     @abc.abstractmethod
@@ -174,15 +153,15 @@ def _grey(x: Tensor) -> Tensor:
 
 class PretrainStage(Stage):
     """Stage 0: segmentation pre-training with ``pretrain_loss`` (MSE against the mask)."""
-    name, form = "pretrain", "pretrain"
+    name = "pretrain"
 
     def check(self) -> None:
-        check_shard_folder(self.args.seg, "--seg", self.args.num_seg)
+        check_shard_folder(self.args.seg, "--seg", "seg", self.args.num_seg)
         if self.args.encoder_weights and not Path(self.args.encoder_weights).is_file():
             raise ConfigError(f"--encoder-weights {self.args.encoder_weights}: no such file")
         super().check()
 
-    def network(self) -> nn.Module:
+    def build_network(self) -> nn.Module:
         net = build_network(self.args)
         if self.args.encoder_weights:
             from wsshm.models import load_torchvision_encoder
@@ -194,7 +173,7 @@ class PretrainStage(Stage):
 
     def step(self, engine, batch, dtype):
         matte, _ = engine(batch["image"].to(dtype))
-        P = _probabilities(matte, engine.module.from_logits)
+        P = probabilities(matte, engine.module.from_logits)
         return StepOutput(losses.pretrain_loss(P, batch["mask"]),
                           {"image": batch["image"], "mask": batch["mask"], "pred": P.detach()})
 
@@ -207,11 +186,11 @@ class PretrainStage(Stage):
 
 class TeacherStage(Stage):
     """Stage 1: the teacher on synthetic composites with ``teacher_loss`` (eq. 2)."""
-    name, form = "teacher", "teacher"
+    name = "teacher"
 
     def check(self) -> None:
-        check_shard_folder(self.args.matte, "--matte", self.args.num_matte)
-        check_shard_folder(self.args.background, "--background")
+        check_shard_folder(self.args.matte, "--matte", "matte", self.args.num_matte)
+        check_shard_folder(self.args.background, "--background", "background")
         super().check()
 
     def loader_kwargs(self) -> dict:
@@ -223,10 +202,10 @@ class TeacherStage(Stage):
         if boundary is None:
             raise ValueError("the teacher must return (matte, boundary)")
         from_logits = engine.module.from_logits
-        loss = teacher_loss(matte, boundary, batch["alpha"], self.args.lam, from_logits)
+        loss = fused_teacher_loss(matte, boundary, batch["alpha"], lam=self.args.lam, from_logits=from_logits)
         return StepOutput(loss, {"image": batch["image"], "alpha": batch["alpha"],
-                                 "pred": _probabilities(matte.detach(), from_logits),
-                                 "boundary": _probabilities(boundary.detach(), from_logits)})
+                                 "pred": probabilities(matte.detach(), from_logits),
+                                 "boundary": probabilities(boundary.detach(), from_logits)})
 
     def terms(self, view):
         return {"mse": float(losses.mse_loss(view["pred"], view["alpha"])),
@@ -240,23 +219,22 @@ class TeacherStage(Stage):
 
 class StudentStage(Stage):
     """Stage 2: frozen teacher on the weak view, MLB label, student on the strong view, EMA."""
-    name, form = "student", "student"
+    name = "student"
 
     def __init__(self, args):
         super().__init__(args)
         self.teacher: nn.Module | None = None
         self.ema = None
-        self.zero3 = False
 
     @property
     def threshold(self) -> float | None:
         return None if self.args.mlb_threshold < 0 else self.args.mlb_threshold
 
     def check(self) -> None:
-        check_shard_folder(self.args.seg, "--seg", self.args.num_seg)
-        teacher = load_weights_checked(self.args.teacher, "--teacher")
-        student = build_network(self.args)
+        check_shard_folder(self.args.seg, "--seg", "seg", self.args.num_seg)
+        teacher = self.frozen_teacher()
         super().check()
+        student = self.network()
         same = getattr(teacher, "arch", None) is not None and teacher.arch == getattr(student, "arch", None)
         if self.args.ema == "on" and not same:
             raise ConfigError(f"--ema on needs the same architecture, but the teacher is "
@@ -269,9 +247,14 @@ class StudentStage(Stage):
     def trains_boundary(self) -> bool:
         return self.args.student_boundary != "off"
 
+    def frozen_teacher(self) -> nn.Module:
+        """The ``--teacher`` weights, read once per process (rank 0 reads them while checking)."""
+        if self.teacher is None:
+            self.teacher = load_weights_checked(self.args.teacher, "--teacher")
+        return self.teacher
+
     def prepare(self, device, dtype, trained):
-        from wsshm.models import load_weights
-        teacher = load_weights(self.args.teacher, map_location="cpu").to(device)
+        teacher = self.frozen_teacher().to(device)
         teacher.eval().requires_grad_(False)
         same = getattr(teacher, "arch", None) == getattr(trained, "arch", None)
         if same and self.trains_boundary:
@@ -288,17 +271,17 @@ class StudentStage(Stage):
 
     def step(self, engine, batch, dtype):
         with torch.no_grad():
-            Mt, At = self.teacher(batch["weak"].to(dtype))
+            Mt, At = forward_maps(self.teacher, batch["weak"].to(dtype))
         seen = batch["strong"] if self.args.strong_view == "on" else batch["weak"]
         matte, boundary = engine(seen.to(dtype))
         from_logits = engine.module.from_logits
         trained_boundary = boundary if self.trains_boundary else None
-        loss = student_loss(matte, Mt, At, batch["mask"], self.threshold, from_logits, trained_boundary,
-                            self.args.lam)
+        loss = fused_student_loss(matte, Mt, At, batch["mask"], threshold=self.threshold, from_logits=from_logits,
+                                  Q=trained_boundary, lam=self.args.lam)
         view = {"image": seen, "weak": batch["weak"], "mask": batch["mask"], "teacher": Mt.float(),
-                "boundary": At.float(), "pred": _probabilities(matte.detach(), from_logits)}
+                "boundary": At.float(), "pred": probabilities(matte.detach(), from_logits)}
         if trained_boundary is not None:
-            view["pred_boundary"] = _probabilities(trained_boundary.detach(), from_logits)
+            view["pred_boundary"] = probabilities(trained_boundary.detach(), from_logits)
         return StepOutput(loss, view)
 
     def after_step(self, engine):
