@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_loaders.py            # full: batch 16, 512 crops
     .venv/bin/python bench/bench_loaders.py --quick    # a smoke run (batch 4, 128 crops)
 
-1. The fused op (wsshm._C.fused_prepare) vs fused_prepare_reference (plain torch ops) on a batch of
+1. The fused op (torch.ops.wsshm.fused_prepare) vs fused_prepare_reference (plain torch ops) on a batch of
    random uint8 crops, per form; median of --repeats; on a GPU also GB/s against a device copy.
 2. Images/s of the DALI pipeline, the PyTorch loader (csrc op) and the PyTorch loader with the
    reference op, on demo shards, in one run on one machine (teacher and student forms): the loaders

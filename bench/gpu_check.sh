@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The project's one prepared GPU check (docs/kernels.md): build an environment with CUDA torch, run
+# The project's one prepared GPU check (docs/benchmarks.md, "The GPU check"): build an environment with CUDA torch, run
 # the kernel and csrc tests on CUDA, the GPU benchmarks with --quick and the demo pipeline on the GPU,
 # and print a table.
 #

@@ -1,13 +1,19 @@
 // Fused image op: decoded uint8 HWC crops -> normalised NCHW float32/bf16 in one pass per pixel.
 // Teacher form: composite I = a*Fg + (1-a)*Bg (eq. 1) first. Student form: the plain (weak) view and
 // the colour-jittered (strong) view from one read of each pixel. The math is csrc/augment_math.h;
-// its PyTorch reference is wsshm/data/fused.py (tests compare the two).
+// its PyTorch reference is wsshm/data/prepare.py (tests compare the two). This file holds the CPU and
+// CUDA kernels of torch.ops.wsshm.fused_prepare; its schema is in csrc/bindings.cpp and its fake
+// (shape-only) implementation, for torch.compile, in wsshm/data/prepare.py.
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include <torch/library.h>
 
+#include <optional>
+#include <tuple>
 #include <vector>
 
 #ifdef WSSHM_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include "cuda/launchers.h"
@@ -18,11 +24,14 @@
 
 namespace {
 
+using wsshm_aug::Constants;
 using wsshm_aug::Jitter;
 
-void check_inputs(const at::Tensor& image, const c10::optional<at::Tensor>& alpha,
-                  const c10::optional<at::Tensor>& background, const c10::optional<at::Tensor>& jitter,
-                  bool plain) {
+using OptionalTensor = std::optional<at::Tensor>;
+using Views = std::tuple<at::Tensor, at::Tensor>;  // (plain, strong); empty [0] for a view not asked for
+
+void check_inputs(const at::Tensor& image, const OptionalTensor& alpha, const OptionalTensor& background,
+                  const OptionalTensor& jitter, bool plain) {
   using wsshm_msg::describe;
   TORCH_CHECK(image.scalar_type() == at::kByte && image.dim() == 4 && image.size(3) == 3,
               "fused_prepare: image must be uint8 [B, H, W, 3], got ", describe(image));
@@ -57,9 +66,10 @@ template <typename T, bool COMPOSITE, bool PLAIN, bool STRONG>
 inline __attribute__((always_inline)) void prepare_run_body(
     const uint8_t* __restrict__ img, const uint8_t* __restrict__ a, const uint8_t* __restrict__ g,
     T* __restrict__ pl, T* __restrict__ st, Jitter j, float grey_mean, int64_t pixels, int64_t p0, int64_t p1,
-    const float* mean_in, const float* inv_std_in) {
-  const float mean[3] = {mean_in[0], mean_in[1], mean_in[2]};
-  const float inv_std[3] = {inv_std_in[0], inv_std_in[1], inv_std_in[2]};
+    const Constants& k) {
+  const float mean[3] = {k.mean[0], k.mean[1], k.mean[2]};
+  const float inv_std[3] = {k.inv_std[0], k.inv_std[1], k.inv_std[2]};
+  const wsshm_aug::GreyWeights grey_weights = k.grey;
   constexpr int64_t kChunk = 256;
   float r[kChunk], gr[kChunk], bl[kChunk];
   for (int64_t c0 = p0; c0 < p1; c0 += kChunk) {
@@ -86,7 +96,7 @@ inline __attribute__((always_inline)) void prepare_run_body(
       for (int64_t i = 0; i < n; ++i) {
         float rgb[3] = {r[i], gr[i], bl[i]};
         wsshm_aug::apply_brightness(rgb, j.brightness);
-        wsshm_aug::apply_rest(rgb, j, grey_mean);
+        wsshm_aug::apply_rest(rgb, j, grey_mean, grey_weights);
         o0[i] = T((rgb[0] - mean[0]) * inv_std[0]);
         o1[i] = T((rgb[1] - mean[1]) * inv_std[1]);
         o2[i] = T((rgb[2] - mean[2]) * inv_std[2]);
@@ -100,25 +110,25 @@ inline __attribute__((always_inline)) void prepare_run_body(
 template <typename T, bool COMPOSITE, bool PLAIN, bool STRONG>
 __attribute__((target("avx2,fma"))) void prepare_run_avx2(const uint8_t* img, const uint8_t* a, const uint8_t* g,
                                                           T* pl, T* st, Jitter j, float grey_mean, int64_t pixels,
-                                                          int64_t p0, int64_t p1, const float* mean,
-                                                          const float* inv_std) {
-  prepare_run_body<T, COMPOSITE, PLAIN, STRONG>(img, a, g, pl, st, j, grey_mean, pixels, p0, p1, mean, inv_std);
+                                                          int64_t p0, int64_t p1, const Constants& k) {
+  prepare_run_body<T, COMPOSITE, PLAIN, STRONG>(img, a, g, pl, st, j, grey_mean, pixels, p0, p1, k);
 }
 
 template <typename T, bool COMPOSITE, bool PLAIN, bool STRONG>
 void prepare_run(const uint8_t* img, const uint8_t* a, const uint8_t* g, T* pl, T* st, Jitter j, float grey_mean,
-                 int64_t pixels, int64_t p0, int64_t p1, const float* mean, const float* inv_std) {
+                 int64_t pixels, int64_t p0, int64_t p1, const Constants& k) {
   static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   if (avx2)
-    prepare_run_avx2<T, COMPOSITE, PLAIN, STRONG>(img, a, g, pl, st, j, grey_mean, pixels, p0, p1, mean, inv_std);
+    prepare_run_avx2<T, COMPOSITE, PLAIN, STRONG>(img, a, g, pl, st, j, grey_mean, pixels, p0, p1, k);
   else
-    prepare_run_body<T, COMPOSITE, PLAIN, STRONG>(img, a, g, pl, st, j, grey_mean, pixels, p0, p1, mean, inv_std);
+    prepare_run_body<T, COMPOSITE, PLAIN, STRONG>(img, a, g, pl, st, j, grey_mean, pixels, p0, p1, k);
 }
 
 template <typename T, bool COMPOSITE, bool PLAIN, bool STRONG>
 void prepare_cpu(const uint8_t* image, const uint8_t* alpha, const uint8_t* bg, const float* jitter, T* plain,
-                 T* strong, int64_t batch, int64_t pixels, const float mean[3], const float inv_std[3]) {
+                 T* strong, int64_t batch, int64_t pixels, const Constants& k) {
   std::vector<float> grey_mean(batch, 0.f);
+  const wsshm_aug::GreyWeights grey_weights = k.grey;
   if (STRONG) {
     // contrast pivots on the image's grey mean after brightness: a reduction before the pixel pass
     constexpr int64_t kChunk = 4096;  // float partial sums per chunk, a double across chunks
@@ -134,7 +144,7 @@ void prepare_cpu(const uint8_t* image, const uint8_t* alpha, const uint8_t* bg, 
             float rgb[3];
             wsshm_aug::load_pixel(img, a, g, p, rgb);
             wsshm_aug::apply_brightness(rgb, jitter[4 * b]);
-            acc += wsshm_aug::grey(rgb[0], rgb[1], rgb[2]);
+            acc += wsshm_aug::grey(rgb[0], rgb[1], rgb[2], grey_weights);
           }
           total += acc;
         }
@@ -151,7 +161,7 @@ void prepare_cpu(const uint8_t* image, const uint8_t* alpha, const uint8_t* bg, 
       prepare_run<T, COMPOSITE, PLAIN, STRONG>(
           image + b * pixels * 3, COMPOSITE ? alpha + b * pixels : nullptr, COMPOSITE ? bg + b * pixels * 3 : nullptr,
           PLAIN ? plain + b * 3 * pixels : nullptr, STRONG ? strong + b * 3 * pixels : nullptr, j, grey_mean[b],
-          pixels, i - b * pixels, stop - b * pixels, mean, inv_std);
+          pixels, i - b * pixels, stop - b * pixels, k);
       i = stop;
     }
   });
@@ -159,12 +169,11 @@ void prepare_cpu(const uint8_t* image, const uint8_t* alpha, const uint8_t* bg, 
 
 template <typename T>
 void prepare_cpu_dispatch(const uint8_t* image, const uint8_t* alpha, const uint8_t* bg, const float* jitter,
-                          T* plain, T* strong, int64_t batch, int64_t pixels, const float mean[3],
-                          const float inv_std[3]) {
+                          T* plain, T* strong, int64_t batch, int64_t pixels, const Constants& k) {
   const int variant = (alpha ? 4 : 0) + (plain ? 2 : 0) + (strong ? 1 : 0);
 #define WSSHM_CASE(C, P, S)                                                                                \
   case (C ? 4 : 0) + (P ? 2 : 0) + (S ? 1 : 0):                                                          \
-    return prepare_cpu<T, C, P, S>(image, alpha, bg, jitter, plain, strong, batch, pixels, mean, inv_std);
+    return prepare_cpu<T, C, P, S>(image, alpha, bg, jitter, plain, strong, batch, pixels, k);
   switch (variant) {
     WSSHM_CASE(false, true, false)
     WSSHM_CASE(false, false, true)
@@ -177,50 +186,86 @@ void prepare_cpu_dispatch(const uint8_t* image, const uint8_t* alpha, const uint
 #undef WSSHM_CASE
 }
 
+// The checked, contiguous inputs, the outputs and the constants in float: what both kernels start from.
+struct Call {
+  at::Tensor image, alpha, background, jitter, plain, strong;
+  bool want_plain, want_strong;
+  int64_t batch, pixels;
+  Constants constants;
+
+  const uint8_t* alpha_ptr() const { return alpha.defined() ? alpha.data_ptr<uint8_t>() : nullptr; }
+  const uint8_t* background_ptr() const { return background.defined() ? background.data_ptr<uint8_t>() : nullptr; }
+  const float* jitter_ptr() const { return jitter.defined() ? jitter.data_ptr<float>() : nullptr; }
+  void* plain_ptr() const { return want_plain ? plain.data_ptr() : nullptr; }
+  void* strong_ptr() const { return want_strong ? strong.data_ptr() : nullptr; }
+};
+
+Call start_call(const at::Tensor& image, const OptionalTensor& alpha, const OptionalTensor& background,
+                const OptionalTensor& jitter, bool plain, bool bf16, at::ArrayRef<double> mean,
+                at::ArrayRef<double> std, at::ArrayRef<double> grey) {
+  check_inputs(image, alpha, background, jitter, plain);
+  TORCH_CHECK(mean.size() == 3 && std.size() == 3 && grey.size() == 3,
+              "fused_prepare: mean, std and grey weights need 3 values each");
+  Call call;
+  call.image = image.contiguous();
+  call.alpha = alpha ? alpha->contiguous() : at::Tensor();
+  call.background = background ? background->contiguous() : at::Tensor();
+  call.jitter = jitter ? jitter->contiguous() : at::Tensor();
+  call.want_plain = plain;
+  call.want_strong = jitter.has_value();
+  const int64_t B = image.size(0), H = image.size(1), W = image.size(2);
+  call.batch = B;
+  call.pixels = H * W;
+  const auto options = image.options().dtype(bf16 ? at::kBFloat16 : at::kFloat);
+  call.plain = plain ? at::empty({B, 3, H, W}, options) : at::empty({0}, options);
+  call.strong = call.want_strong ? at::empty({B, 3, H, W}, options) : at::empty({0}, options);
+  for (int c = 0; c < 3; ++c) {
+    call.constants.mean[c] = (float)mean[c];
+    call.constants.inv_std[c] = (float)(1.0 / std[c]);
+  }
+  call.constants.grey = {(float)grey[0], (float)grey[1], (float)grey[2]};
+  return call;
+}
+
+template <typename T>
+void run_cpu(const Call& call) {
+  prepare_cpu_dispatch<T>(call.image.data_ptr<uint8_t>(), call.alpha_ptr(), call.background_ptr(), call.jitter_ptr(),
+                          static_cast<T*>(call.plain_ptr()), static_cast<T*>(call.strong_ptr()), call.batch,
+                          call.pixels, call.constants);
+}
+
+Views fused_prepare_cpu(const at::Tensor& image, const OptionalTensor& alpha, const OptionalTensor& background,
+                        const OptionalTensor& jitter, bool plain, bool bf16, at::ArrayRef<double> mean,
+                        at::ArrayRef<double> std, at::ArrayRef<double> grey) {
+  const Call call = start_call(image, alpha, background, jitter, plain, bf16, mean, std, grey);
+  if (call.batch * call.pixels == 0) return {call.plain, call.strong};
+  if (bf16)
+    run_cpu<at::BFloat16>(call);
+  else
+    run_cpu<float>(call);
+  return {call.plain, call.strong};
+}
+
+Views fused_prepare_cuda(const at::Tensor& image, const OptionalTensor& alpha, const OptionalTensor& background,
+                         const OptionalTensor& jitter, bool plain, bool bf16, at::ArrayRef<double> mean,
+                         at::ArrayRef<double> std, at::ArrayRef<double> grey) {
+#ifdef WSSHM_WITH_CUDA
+  const Call call = start_call(image, alpha, background, jitter, plain, bf16, mean, std, grey);
+  if (call.batch * call.pixels == 0) return {call.plain, call.strong};
+  const c10::cuda::CUDAGuard guard(call.image.device());
+  const at::Tensor grey_sum = at::empty({call.batch}, call.image.options().dtype(at::kFloat));
+  // the launcher checks each launch and returns the first error; C10_CUDA_CHECK raises it
+  C10_CUDA_CHECK(wsshm_cuda::fused_prepare(call.image.data_ptr<uint8_t>(), call.alpha_ptr(), call.background_ptr(),
+                                           call.jitter_ptr(), grey_sum.data_ptr<float>(), call.plain_ptr(),
+                                           call.strong_ptr(), bf16, call.batch, call.pixels, call.constants,
+                                           c10::cuda::getCurrentCUDAStream().stream()));
+  return {call.plain, call.strong};
+#else
+  TORCH_CHECK(false, "fused_prepare: wsshm._C was built without CUDA (wsshm._C.build_info() is 'cpu')");
+#endif
+}
+
 }  // namespace
 
-std::vector<at::Tensor> fused_prepare(const at::Tensor& image_in, const c10::optional<at::Tensor>& alpha_in,
-                                      const c10::optional<at::Tensor>& background_in,
-                                      const c10::optional<at::Tensor>& jitter_in, bool plain, bool bf16,
-                                      std::vector<double> mean_in, std::vector<double> std_in) {
-  check_inputs(image_in, alpha_in, background_in, jitter_in, plain);
-  TORCH_CHECK(mean_in.size() == 3 && std_in.size() == 3, "fused_prepare: mean and std need 3 values");
-  const auto image = image_in.contiguous();
-  const auto alpha = alpha_in ? alpha_in->contiguous() : at::Tensor();
-  const auto background = background_in ? background_in->contiguous() : at::Tensor();
-  const auto jitter = jitter_in ? jitter_in->contiguous() : at::Tensor();
-  const int64_t B = image.size(0), H = image.size(1), W = image.size(2), pixels = H * W;
-  const auto options = image.options().dtype(bf16 ? at::kBFloat16 : at::kFloat);
-  at::Tensor plain_out = plain ? at::empty({B, 3, H, W}, options) : at::Tensor();
-  at::Tensor strong_out = jitter.defined() ? at::empty({B, 3, H, W}, options) : at::Tensor();
-  float mean[3], inv_std[3];
-  for (int c = 0; c < 3; ++c) mean[c] = (float)mean_in[c], inv_std[c] = (float)(1.0 / std_in[c]);
-  const uint8_t* a = alpha.defined() ? alpha.data_ptr<uint8_t>() : nullptr;
-  const uint8_t* g = background.defined() ? background.data_ptr<uint8_t>() : nullptr;
-  const float* j = jitter.defined() ? jitter.data_ptr<float>() : nullptr;
-  if (B * pixels == 0) return {plain_out, strong_out};
-  if (image.is_cuda()) {
-#ifdef WSSHM_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(image.device());
-    at::Tensor scratch = at::empty({B}, image.options().dtype(at::kFloat));
-    wsshm_cuda::fused_prepare(image.data_ptr<uint8_t>(), a, g, j, scratch.data_ptr<float>(),
-                              plain ? plain_out.data_ptr() : nullptr,
-                              strong_out.defined() ? strong_out.data_ptr() : nullptr, bf16, B, pixels,
-                              mean, inv_std, c10::cuda::getCurrentCUDAStream().stream());
-    return {plain_out, strong_out};
-#else
-    TORCH_CHECK(false, "fused_prepare: wsshm._C was built without CUDA");
-#endif
-  }
-  if (bf16) {
-    prepare_cpu_dispatch<at::BFloat16>(image.data_ptr<uint8_t>(), a, g, j,
-                              plain ? plain_out.data_ptr<at::BFloat16>() : nullptr,
-                              strong_out.defined() ? strong_out.data_ptr<at::BFloat16>() : nullptr, B,
-                              pixels, mean, inv_std);
-  } else {
-    prepare_cpu_dispatch<float>(image.data_ptr<uint8_t>(), a, g, j, plain ? plain_out.data_ptr<float>() : nullptr,
-                       strong_out.defined() ? strong_out.data_ptr<float>() : nullptr, B, pixels, mean,
-                       inv_std);
-  }
-  return {plain_out, strong_out};
-}
+TORCH_LIBRARY_IMPL(wsshm, CPU, m) { m.impl("fused_prepare", &fused_prepare_cpu); }
+TORCH_LIBRARY_IMPL(wsshm, CUDA, m) { m.impl("fused_prepare", &fused_prepare_cuda); }

@@ -1,6 +1,6 @@
 // Per-pixel math of the fused image op, shared by the C++ CPU path (csrc/augment.cpp) and the CUDA
 // kernels (csrc/cuda/augment.cu). Plain C++ with no torch headers so nvcc compiles it alone.
-// The PyTorch reference of the same math is wsshm/data/fused.py; keep the two in step.
+// The PyTorch reference of the same math is wsshm/data/prepare.py; keep the two in step.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -13,16 +13,25 @@
 
 namespace wsshm_aug {
 
-// Grey weights of torchvision's rgb_to_grayscale (used by contrast and saturation).
-constexpr float kGreyR = 0.2989f, kGreyG = 0.587f, kGreyB = 0.114f;
-
 struct Jitter {
   float brightness, contrast, saturation, hue;  // factors, hue shift in turns
 };
 
+// Grey weights for contrast and saturation (wsshm.image.GREY_WEIGHTS).
+struct GreyWeights {
+  float r, g, b;
+};
+
+// Per-call constants, passed in from their one home, wsshm.image: the normalisation (x - mean) * inv_std
+// of the output views and the grey weights.
+struct Constants {
+  float mean[3], inv_std[3];
+  GreyWeights grey;
+};
+
 WSSHM_HD float clamp01(float v) { return v < 0.f ? 0.f : (v > 1.f ? 1.f : v); }
 
-WSSHM_HD float grey(float r, float g, float b) { return kGreyR * r + kGreyG * g + kGreyB * b; }
+WSSHM_HD float grey(float r, float g, float b, GreyWeights w) { return w.r * r + w.g * g + w.b * b; }
 
 // Pixel as RGB in [0, 1]: the composite I = a*Fg + (1-a)*Bg (eq. 1) when a background is given.
 WSSHM_HD void load_pixel(const uint8_t* img, const uint8_t* alpha, const uint8_t* bg, int64_t p,
@@ -49,10 +58,10 @@ WSSHM_HD float floor_small(float x) {
 
 // Contrast (around the per-image grey mean of the brightened image), saturation, hue rotation.
 // Written without branches (selects only) so that the CPU loop vectorises and warps do not diverge;
-// it equals torchvision's RGB -> HSV -> RGB hue shift (the reference in wsshm/data/fused.py).
-WSSHM_HD void apply_rest(float rgb[3], const Jitter& j, float grey_mean) {
+// it equals torchvision's RGB -> HSV -> RGB hue shift (the reference in wsshm/data/prepare.py).
+WSSHM_HD void apply_rest(float rgb[3], const Jitter& j, float grey_mean, GreyWeights w) {
   for (int c = 0; c < 3; ++c) rgb[c] = clamp01(j.contrast * rgb[c] + (1.0f - j.contrast) * grey_mean);
-  const float gr = grey(rgb[0], rgb[1], rgb[2]);
+  const float gr = grey(rgb[0], rgb[1], rgb[2], w);
   for (int c = 0; c < 3; ++c) rgb[c] = clamp01(j.saturation * rgb[c] + (1.0f - j.saturation) * gr);
   const float r = rgb[0], g = rgb[1], b = rgb[2];
   const float maxc = r > g ? (r > b ? r : b) : (g > b ? g : b);

@@ -1,11 +1,18 @@
-// Python bindings of wsshm._C. Each op's implementation lives in its own csrc/*.cpp file.
+// What wsshm._C exposes: the operator library torch.ops.wsshm (schemas here; each op's CPU and CUDA
+// kernels in its own csrc/*.cpp file; its fake implementation, which torch.compile traces with, in
+// Python) and, through pybind, build_info().
 #include <torch/extension.h>
+#include <torch/library.h>
 
-at::Tensor composite_u8(const at::Tensor& fg, const at::Tensor& alpha, const at::Tensor& bg);
-std::vector<at::Tensor> fused_prepare(const at::Tensor& image, const c10::optional<at::Tensor>& alpha,
-                                      const c10::optional<at::Tensor>& background,
-                                      const c10::optional<at::Tensor>& jitter, bool plain, bool bf16,
-                                      std::vector<double> mean, std::vector<double> std);
+TORCH_LIBRARY(wsshm, m) {
+  m.set_python_module("wsshm.data.prepare");  // where the fake implementations are registered
+  // uint8 [B,H,W,3] crops -> (plain, strong) normalised [B,3,H,W] views in one pass, with optional
+  // compositing over a background (alpha [B,H,W]) and optional per-sample jitter [B,4]; a view not
+  // asked for comes back empty. csrc/augment.cpp; Python wrapper and reference: wsshm.data.prepare.
+  m.def(
+      "fused_prepare(Tensor image, Tensor? alpha, Tensor? background, Tensor? jitter, bool plain, bool bf16, "
+      "float[] mean, float[] std, float[] grey) -> (Tensor, Tensor)");
+}
 
 static std::string build_info() {
 #ifdef WSSHM_WITH_CUDA
@@ -17,12 +24,4 @@ static std::string build_info() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &build_info, "Which variant of the extension was built: 'cpu' or 'cpu+cuda'.");
-  m.def("composite_u8", &composite_u8, "I = M*Fg + (1-M)*Bg on uint8 HWC images (paper eq. 1).",
-        py::arg("fg"), py::arg("alpha"), py::arg("bg"));
-  m.def("fused_prepare", &fused_prepare,
-        "uint8 [B,H,W,3] crops -> [plain, strong] normalised NCHW views in one pass (optional "
-        "compositing with alpha/background, optional per-sample jitter [B,4]); a view not asked for "
-        "is None. Python wrapper and reference: wsshm.data.prepare.",
-        py::arg("image"), py::arg("alpha"), py::arg("background"), py::arg("jitter"), py::arg("plain"),
-        py::arg("bf16"), py::arg("mean"), py::arg("std"));
 }

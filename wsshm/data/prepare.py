@@ -2,23 +2,25 @@
 
 One call does, per pixel: compositing ``I = a*Fg + (1-a)*Bg`` (paper eq. 1, teacher form), the
 plain (weak) view, and the colour-jittered (strong) view with per-sample parameters, each normalised
-with the ImageNet statistics of ``wsshm.image``. ``fused_prepare`` runs the C++/CUDA op in
-``wsshm._C`` (``csrc/augment.cpp``); ``fused_prepare_reference`` is the same math in plain torch ops,
-the definition the C++ and CUDA paths are tested against.
+with the ImageNet statistics of ``wsshm.image``. ``fused_prepare`` runs the operator
+``torch.ops.wsshm.fused_prepare`` (CPU and CUDA kernels in ``csrc/augment.cpp``, built into
+``wsshm._C``; its fake implementation below lets ``torch.compile`` trace it without a graph break);
+``fused_prepare_reference`` is the same math in plain torch ops, the definition the C++ and CUDA paths
+are tested against.
 
 Colour jitter (strong view), in this fixed order, per sample with factors ``[B, 4]``:
 brightness ``x*b``; contrast ``c*x + (1-c)*mean(grey(x))`` (mean over the image); saturation
 ``s*x + (1-s)*grey(x)``; hue: rotate the HSV hue by ``h`` turns. Each step clamps to [0, 1]; grey is
-torchvision's ``0.2989 R + 0.587 G + 0.114 B``. These are torchvision's ``adjust_*`` formulas.
+torchvision's, with ``wsshm.image.GREY_WEIGHTS``. These are torchvision's ``adjust_*`` formulas. The
+op takes the mean, std and grey weights as arguments, so ``wsshm.image`` is their one home.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from wsshm.image import IMAGENET_MEAN, IMAGENET_STD
-
-GREY_WEIGHTS = (0.2989, 0.587, 0.114)
+from wsshm import _C  # noqa: F401  (loading it registers torch.ops.wsshm)
+from wsshm.image import GREY_WEIGHTS, IMAGENET_MEAN, IMAGENET_STD
 
 
 def _check_dtype(dtype: torch.dtype) -> bool:
@@ -36,14 +38,21 @@ def fused_prepare(image: Tensor, alpha: Tensor | None = None, background: Tensor
     foreground) over the background first; ``jitter`` float32 ``[B,4]`` (brightness, contrast,
     saturation factors and hue shift in turns) asks for the strong view.
     """
-    from wsshm import _C
-
     bf16 = _check_dtype(dtype)
     if alpha is not None and alpha.dim() == 4:
         alpha = alpha.squeeze(-1)
-    plain_out, strong_out = _C.fused_prepare(image, alpha, background, jitter, plain, bf16,
-                                             list(IMAGENET_MEAN), list(IMAGENET_STD))
-    return plain_out, strong_out
+    plain_out, strong_out = torch.ops.wsshm.fused_prepare(image, alpha, background, jitter, plain, bf16,
+                                                          IMAGENET_MEAN, IMAGENET_STD, GREY_WEIGHTS)
+    return (plain_out if plain else None), (strong_out if jitter is not None else None)
+
+
+@torch.library.register_fake("wsshm::fused_prepare")
+def _fused_prepare_fake(image, alpha, background, jitter, plain, bf16, mean, std, grey):
+    """The op's outputs without computing them, for tracing: a view not asked for is empty."""
+    batch, height, width, _ = image.shape
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    shape = lambda wanted: (batch, 3, height, width) if wanted else (0,)  # noqa: E731
+    return image.new_empty(shape(plain), dtype=dtype), image.new_empty(shape(jitter is not None), dtype=dtype)
 
 
 def _grey(x: Tensor) -> Tensor:
