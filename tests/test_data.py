@@ -224,8 +224,9 @@ def test_torch_loader_skips_a_corrupt_sample_with_a_warning(corrupt_seg):
 
 def test_dali_loader_refuses_corrupt_shards_up_front(corrupt_seg):
     folder, tar, bad_key = corrupt_seg
-    with pytest.raises(DataError, match=rf"verification[\s\S]*{bad_key}"):
+    with pytest.raises(DataError, match=rf"verification.*{bad_key}") as error:
         loader("dali", "pretrain", {"seg": folder})
+    assert "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

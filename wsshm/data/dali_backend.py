@@ -29,9 +29,12 @@ def reader_extensions(kind: str) -> list[str]:
 
 def check_shards(*shard_sets: ShardSet) -> None:
     """The ``wsshm-shard verify`` checks, up front: DALI cannot skip a bad sample mid-run."""
-    problems = [f"{s.folder}: {p}" for s in shard_sets for p in verify(s.folder)]
-    if problems:
-        raise ShardFolderError("shards failed verification (run wsshm-shard verify):\n  " + "\n  ".join(problems))
+    for shard_set in shard_sets:
+        problems = verify(shard_set.folder)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise ShardFolderError(f"{shard_set.folder}: shards failed verification: {problems[0]}{more}; "
+                                   f"run: wsshm-shard verify {shard_set.folder}")
 
 
 def write_indexes(shard_set: ShardSet, folder: str) -> tuple[list[str], list[str]]:

@@ -3,7 +3,7 @@ checks, and the built-in demo data."""
 from .layout import (KINDS, MEMBERS, ShardFolderError, check_folder, index_path, index_paths, read_manifest,
                      select_subset, shard_paths)
 from .reader import CorruptSample, Sample, ShardSet, decode_sample, open_shard_set, read_samples
-from .verify import verify
+from .verify import check_checksums, verify
 
 __all__ = ["KINDS", "MEMBERS", "CorruptSample", "Sample", "ShardFolderError", "ShardSet", "check_folder",
            "decode_sample", "index_path", "index_paths", "open_shard_set", "read_manifest", "read_samples",

@@ -38,6 +38,14 @@ def _positive(text: str) -> int:
     return value
 
 
+def _pixels(text: str) -> int:
+    value = _positive(text)
+    if value > DEFAULT_MAX_PIXELS:
+        raise argparse.ArgumentTypeError(f"at most {DEFAULT_MAX_PIXELS} (wsshm's cap on any image it decodes), "
+                                         f"got {value}")
+    return value
+
+
 def _common(p):
     p.add_argument("--out", required=True, help="output shard folder")
     p.add_argument("--name", help="shard name prefix (default: the kind), giving NAME-000000.tar")
@@ -49,8 +57,9 @@ def _common(p):
                    help="decoding processes (default: CPU count, at most 8)")
     p.add_argument("--on-error", choices=("skip", "fail"), default="skip",
                    help="skip broken inputs (default) or stop before writing anything")
-    p.add_argument("--max-pixels", type=_positive, default=DEFAULT_MAX_PIXELS,
-                   help=f"reject images with more pixels (decompression bombs; default {DEFAULT_MAX_PIXELS})")
+    p.add_argument("--max-pixels", type=_pixels, default=DEFAULT_MAX_PIXELS,
+                   help=f"reject images with more pixels (decompression bombs; default and most "
+                        f"{DEFAULT_MAX_PIXELS})")
     p.add_argument("--overwrite", action="store_true", help="replace a folder that holds another conversion")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -110,20 +119,40 @@ def _scan(args):
     return pair_folders(args.images, {"alpha": args.alphas}, optional), source
 
 
+def _cannot_write(exc: OSError, out) -> str:
+    """One line for an OSError while converting: a failed write names --out (the temporary file's name
+    says nothing to a user), any other file is named itself."""
+    problem = exc.strerror or str(exc)
+    where = os.path.abspath(exc.filename) if isinstance(exc.filename, str) else None
+    inside = where is None or os.path.commonpath([where, os.path.abspath(out)]) == os.path.abspath(out)
+    return f"cannot write into {out}: {problem}" if inside else f"{exc.filename}: {problem}"
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "verify":
         failed = 0
         for folder in args.folders:
-            problems = verify(folder)
+            notes: list[str] = []
+            problems = verify(folder, warnings_out=notes)
+            for note in notes:
+                print(f"warning: {note}", file=sys.stderr)
             for problem in problems:
                 print(f"error: {problem}", file=sys.stderr)
-            print(f"{folder}: {'ok' if not problems else f'{len(problems)} problem(s)'}")
+            warned = f", {len(notes)} warning(s)" if notes else ""
+            print(f"{folder}: {'ok' if not problems else f'{len(problems)} problem(s)'}{warned}")
             failed += bool(problems)
         return 1 if failed else 0
     if args.command == "demo":
         settings = {name: getattr(args, name) for name in DEFAULTS}
-        folders = generate(args.out, **settings, workers=args.workers, progress=True)
+        try:
+            folders = generate(args.out, **settings, workers=args.workers, progress=True)
+        except ConversionError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            print(f"error: {_cannot_write(exc, args.out)}", file=sys.stderr)
+            return 2
         for name, path in folders.items():
             print(f"{name}: {path}")
         return 0
@@ -134,8 +163,11 @@ def main(argv=None) -> int:
                           maxcount=args.maxcount, maxsize=args.maxsize, workers=args.workers,
                           on_error=args.on_error, max_pixels=args.max_pixels, overwrite=args.overwrite,
                           progress=not args.no_progress)
-    except (ConversionError, FileNotFoundError) as exc:
+    except ConversionError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a read-only or full --out; "folder not found" from pairing names its folder
+        print(f"error: {exc if exc.errno is None else _cannot_write(exc, args.out)}", file=sys.stderr)
         return 2
     if summary["count"] == 0:
         print(f"error: no sample could be converted into {args.out} (see {os.path.join(args.out, ERRORS)})",

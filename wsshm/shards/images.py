@@ -7,19 +7,22 @@ decoded and re-encoded once as PNG, and the reason is returned so the manifest c
 from __future__ import annotations
 
 import io
+import re
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-DEFAULT_MAX_PIXELS = 80_000_000
+from wsshm.image import MAX_IMAGE_PIXELS
 
-# Pillow's own bomb check would raise before ours names the limit; ours is the one that counts.
-Image.MAX_IMAGE_PIXELS = None
+# The converter's --max-pixels default, and its ceiling: it keeps no image the readers would refuse.
+DEFAULT_MAX_PIXELS = MAX_IMAGE_PIXELS
 
 
 class BadInput(Exception):
-    """An input file that cannot become part of a sample; the message is the reason in errors.jsonl."""
+    """Image bytes wsshm cannot use: an input file that cannot become part of a sample (the message is
+    the reason in errors.jsonl) or a stored member that does not decode; the caller names the file."""
 
 
 @dataclass
@@ -29,6 +32,7 @@ class Member:
     width: int
     height: int
     normalised: str | None  # why it was re-encoded, None when stored as read
+    blank: bool = False  # a label with no foreground pixel (every value 0)
 
 
 def _png_header(data: bytes):
@@ -44,6 +48,35 @@ def _encode_png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def open_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """``data`` opened by Pillow with only its header read; ``BadInput`` before any pixel is decoded
+    when it is empty, not an image, or has more than ``max_pixels`` (at most ``MAX_IMAGE_PIXELS``).
+
+    Pillow's own bomb check (its process-wide ``Image.MAX_IMAGE_PIXELS``, which wsshm leaves as the
+    program has it) warns above its limit and raises above twice that; ours is the limit that counts,
+    so its warning is silenced here and its error reported as ours."""
+    limit = min(max_pixels, MAX_IMAGE_PIXELS)
+    if not data:
+        raise BadInput("empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        pixels = re.search(r"\((\d+) pixels\)", str(exc))
+        raise BadInput(f"decompression bomb: {pixels.group(1) if pixels else 'more'} pixels is over the limit of "
+                       f"{limit} pixels") from exc
+    except UnidentifiedImageError as exc:
+        raise BadInput("not an image (no decoder recognises its bytes)") from exc
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad file, named by the caller
+        raise BadInput(f"truncated or corrupt image header ({exc})") from exc
+    width, height = image.size
+    if width * height > limit:
+        raise BadInput(f"decompression bomb: {width}x{height} = {width * height} pixels is over the limit of "
+                       f"{limit} pixels")
+    return image
+
+
 def _open(path: str, max_pixels: int):
     try:
         with open(path, "rb") as f:
@@ -52,16 +85,7 @@ def _open(path: str, max_pixels: int):
         raise BadInput(f"unreadable file ({exc.strerror or exc})") from exc
     if not data:
         raise BadInput("empty file (0 bytes)")
-    try:
-        image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError as exc:
-        raise BadInput("not an image (no decoder recognises its bytes)") from exc
-    except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad file, named in the report
-        raise BadInput(f"truncated or corrupt image header ({exc})") from exc
-    width, height = image.size
-    if width * height > max_pixels:
-        raise BadInput(f"decompression bomb: {width}x{height} = {width * height} pixels is over the limit of "
-                       f"{max_pixels} (--max-pixels)")
+    image = open_image(data, max_pixels)
     try:
         image.load()
     except Exception as exc:  # noqa: BLE001
@@ -123,32 +147,67 @@ def _alpha_array(image) -> np.ndarray:
     return np.asarray(image.convert("L"))
 
 
-def load_grey(path: str, role: str, max_pixels: int = DEFAULT_MAX_PIXELS, binary: bool = False) -> Member:
-    """An 8-bit grey PNG member (alpha, trimap or mask).
+def _class_indices(image) -> bool:
+    """Whether a palette image's pixel values are class indices (a VOC-style label map) rather than
+    colours: unless every colour it uses is black or white, its colours say nothing about the person."""
+    if image.mode != "P" or "transparency" in image.info:
+        return False
+    palette = np.asarray(image.getpalette() or [], np.uint8).reshape(-1, 3)
+    used = np.unique(np.asarray(image))
+    if used.max() >= len(palette):
+        return True
+    colours = palette[used]
+    return not (np.isin(colours, (0, 255)).all() and (colours.min(1) == colours.max(1)).all())
 
-    ``binary`` (segmentation masks) stores 0/255: masks holding only 0 and 1 are scaled, others are
-    thresholded at 128 (the reason is recorded).
+
+def _binary_mask(array: np.ndarray, role: str, class_map: bool) -> tuple[np.ndarray, str | None]:
+    """A mask as 0/255 and the reason it was changed (None when it already was).
+
+    - 0 and one other value ``v`` (0/1, or 0/15: VOC's person class alone): ``v`` is the foreground;
+    - a class map (palette indices, or several grey values all below 128, which thresholding would
+      leave empty): refused, as nothing says which class is the person;
+    - anything else (soft, anti-aliased or JPEG-compressed masks): thresholded at 128.
+    """
+    values = np.unique(array)
+    if np.isin(values, (0, 255)).all():
+        return array, None
+    if len(values) == 2 and values[0] == 0:
+        return np.where(array > 0, 255, 0).astype(np.uint8), f"{role} 0/{values[1]} scaled to 0/255"
+    listed = ", ".join(str(v) for v in values[:8]) + (", ..." if len(values) > 8 else "")
+    advice = f"wsshm cannot tell which class is the person (save the {role} as 0/255, or 0 and one value)"
+    if class_map:
+        raise BadInput(f"palette {role} with indices {listed}: a class map; {advice}")
+    if values.max() < 128:
+        raise BadInput(f"{role} values {listed} are all below 128: a class map; {advice}")
+    return np.where(array >= 128, 255, 0).astype(np.uint8), f"{role} thresholded at 128"
+
+
+def load_grey(path: str, role: str, max_pixels: int = DEFAULT_MAX_PIXELS, binary: bool = False) -> Member:
+    """An 8-bit grey PNG member (alpha, trimap or mask); ``blank`` when it holds no foreground.
+
+    ``binary`` (segmentation masks) stores 0/255 by :func:`_binary_mask`'s rule; a palette mask is read
+    by its indices unless its colours are black and white.
     """
     data, image = _open(path, max_pixels)
     stored_as_is = image.format == "PNG" and _png_header(data) == (8, 0)
     array = None
     if binary:
-        array = np.asarray(image) if stored_as_is else _alpha_array(image)
-        values = np.unique(array)
-        if not np.isin(values, (0, 255)).all():
-            scaled = values.max() <= 1
-            array = (array * 255 if scaled else np.where(array >= 128, 255, 0)).astype(np.uint8)
-            return Member("png", _encode_png(array), image.width, image.height,
-                          f"{role} 0/1 scaled to 0/255" if scaled else f"{role} thresholded at 128")
+        class_map = _class_indices(image)
+        array = np.asarray(image) if stored_as_is or class_map else _alpha_array(image)
+        array, reason = _binary_mask(array, role, class_map)
+        if reason:
+            return Member("png", _encode_png(array), image.width, image.height, reason, not array.any())
     if stored_as_is:
-        return Member("png", data, image.width, image.height, None)
+        blank = not np.asarray(image).any() if array is None else not array.any()
+        return Member("png", data, image.width, image.height, None, blank)
     if image.format == "PNG":
         depth, colour = _png_header(data)
         reason = f"16-bit {role}" if depth == 16 else f"{image.mode.lower()} {role}"
     else:
         reason = f"{(image.format or 'unknown').lower()} {role}"
     array = _alpha_array(image) if array is None else array
-    return Member("png", _encode_png(np.ascontiguousarray(array)), array.shape[1], array.shape[0], reason)
+    return Member("png", _encode_png(np.ascontiguousarray(array)), array.shape[1], array.shape[0], reason,
+                  not array.any())
 
 
 def split_rgba(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Member, Member]:
@@ -160,11 +219,12 @@ def split_rgba(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Member,
     fg, alpha = np.ascontiguousarray(rgba[..., :3]), np.ascontiguousarray(rgba[..., 3])
     h, w = alpha.shape
     return (Member("png", _encode_png(fg), w, h, "rgba cut-out split"),
-            Member("png", _encode_png(alpha), w, h, "rgba cut-out split"))
+            Member("png", _encode_png(alpha), w, h, "rgba cut-out split", not alpha.any()))
 
 
 def decode_member(data: bytes) -> np.ndarray:
-    """Decode a stored member fully (used by verify)."""
-    image = Image.open(io.BytesIO(data))
+    """Decode a stored member fully, as Pillow stores it (used by verify); ``BadInput`` as
+    :func:`open_image` for empty, unknown and oversized members."""
+    image = open_image(data)
     image.load()
     return np.asarray(image)

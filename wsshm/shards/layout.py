@@ -69,8 +69,68 @@ def sample_key(relative_stem: str) -> str:
     return re.sub(r"[^\w/-]", "_", relative_stem.replace(os.sep, "/"))
 
 
+def _check_entries(path: Path, manifest: dict) -> None:
+    """The shard entries of a manifest (which nothing but wsshm should write, but anyone can edit):
+    each an object with a plain file name of the folder, a count and a sha256; ``ShardFolderError``
+    naming the file and the entry otherwise."""
+    def broken(problem):
+        return ShardFolderError(f"{path}: broken manifest, {problem}")
+
+    if not isinstance(manifest["shards"], list):
+        raise broken("shards must be a list")
+    if not _whole(manifest["count"]):
+        raise broken(f"count must be a whole number, not {manifest['count']!r}")
+    names = set()
+    for n, entry in enumerate(manifest["shards"]):
+        if not isinstance(entry, dict):
+            raise broken(f"shard entry {n} is not an object ({entry!r:.60})")
+        missing = [k for k in ("name", "count", "sha256") if k not in entry]
+        if missing:
+            raise broken(f"shard entry {n} lacks {', '.join(missing)}")
+        name = entry["name"]
+        if not isinstance(name, str) or not name:
+            raise broken(f"shard entry {n} has no file name ({name!r:.60})")
+        if not is_plain_name(name):
+            raise broken(f"shard entry {n}: {name!r:.80} is not a plain file name in the folder")
+        if name in names:
+            raise broken(f"shard entry {n} lists {name} twice")
+        names.add(name)
+        if not _whole(entry["count"]):
+            raise broken(f"shard entry {n}: count must be a whole number, not {entry['count']!r:.40}")
+        if not (isinstance(entry["sha256"], str) and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"])):
+            raise broken(f"shard entry {n}: sha256 must be 64 hexadecimal digits, not {entry['sha256']!r:.80}")
+    total = sum(entry["count"] for entry in manifest["shards"])
+    if manifest["count"] != total:
+        raise broken(f"count {manifest['count']} is not the sum of the shards' counts ({total})")
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def is_plain_name(name: str) -> bool:
+    """Whether ``name`` names a file directly inside a folder: no path separator, not absolute, not
+    ``.`` or ``..``, no NUL (a manifest naming ``../../x.tar`` would make readers leave the folder)."""
+    return (bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+            and os.path.basename(name) == name)
+
+
+_KEY = re.compile(r"[\w-]+(/[\w-]+)*")
+
+
+def key_problem(key: str) -> str | None:
+    """Why ``key`` cannot be a sample key, or None. Keys are relative paths of letters, digits, ``_``,
+    ``-`` and ``/`` (what :func:`sample_key` makes): a dot would split the member name where webdataset
+    and DALI split it, whitespace would break DALI's space-separated index, and a leading ``/`` or an
+    empty part is no relative path."""
+    if _KEY.fullmatch(key):
+        return None
+    return f"key {key!r:.120} is not a relative path of letters, digits, _, - and /"
+
+
 def read_manifest(folder) -> dict:
-    """The manifest of a finished shard folder; ``ShardFolderError`` naming the file otherwise."""
+    """The manifest of a finished shard folder, its shard entries checked (:func:`_check_entries`);
+    ``ShardFolderError`` naming the file otherwise."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise ShardFolderError(f"{path}: no manifest (not a shard folder, or a conversion that never started)")
@@ -84,8 +144,22 @@ def read_manifest(folder) -> dict:
     if manifest.get("complete") is False:
         raise ShardFolderError(f"{path}: the conversion did not finish; run the same wsshm-shard command again")
     if manifest["kind"] not in KINDS:
-        raise ShardFolderError(f"{path}: unknown kind {manifest['kind']!r} (expected one of {', '.join(KINDS)})")
+        raise ShardFolderError(f"{path}: unknown kind {manifest['kind']!r:.40} (expected one of {', '.join(KINDS)})")
+    _check_entries(path, manifest)
     return manifest
+
+
+def shard_file_problem(path) -> str | None:
+    """Why the shard (or index) file ``path`` of a folder cannot be read, or None: missing, a symbolic
+    link (it could point anywhere; wsshm reads only the folder's own files), not a regular file."""
+    path = Path(path)
+    if path.is_symlink():
+        return f"{path}: a symbolic link, not a shard file (wsshm reads only the files of the folder itself)"
+    if not path.exists():
+        return f"{path}: missing"
+    if not path.is_file():
+        return f"{path}: not a regular file"
+    return None
 
 
 def shard_paths(folder) -> list[str]:
@@ -100,10 +174,12 @@ def index_paths(folder) -> list[str]:
 
 def check_folder(folder, kind: str | None = None, num_samples: int | None = None) -> dict:
     """The manifest of a shard folder that a reader can use, checked from the manifest and the file
-    list (cheap: nothing is decoded; :func:`wsshm.shards.verify` reads everything).
+    list (cheap: nothing is decoded; :func:`wsshm.shards.verify` reads everything,
+    :func:`wsshm.shards.check_checksums` the shards' checksums).
 
-    ``ShardFolderError``, one line naming the folder, for: no folder given, a missing folder, a missing,
-    broken or unfinished manifest, another ``kind`` than asked, a listed shard file missing, no samples,
+    ``ShardFolderError``, one line naming the folder or file, for: no folder given, a missing folder,
+    a missing, broken or unfinished manifest (shard names that are not plain file names of the folder
+    included), another ``kind`` than asked, a listed shard file missing or a symbolic link, no samples,
     or ``num_samples`` that is not between 1 and the folder's count.
     """
     if folder is None:
@@ -113,9 +189,12 @@ def check_folder(folder, kind: str | None = None, num_samples: int | None = None
     manifest = read_manifest(folder)
     if kind is not None and manifest["kind"] != kind:
         raise ShardFolderError(f"{folder}: holds {manifest['kind']!r} shards where {kind!r} shards are needed")
-    missing = [s["name"] for s in manifest["shards"] if not (Path(folder) / s["name"]).is_file()]
-    if missing:
-        raise ShardFolderError(f"{folder}: shard file missing: {Path(folder) / missing[0]}")
+    for entry in manifest["shards"]:
+        problem = shard_file_problem(Path(folder) / entry["name"])
+        if problem and problem.endswith(": missing"):
+            raise ShardFolderError(f"{folder}: shard file missing: {Path(folder) / entry['name']}")
+        if problem:
+            raise ShardFolderError(problem)
     count = manifest["count"]
     if count <= 0 or not manifest["shards"]:
         raise ShardFolderError(f"{folder}: the shard folder holds no samples")

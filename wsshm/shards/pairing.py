@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,7 +100,8 @@ def build_sample(kind: str, spec: SampleSpec, max_pixels: int):
     """One sample's tar members, or the list of its broken files.
 
     Returns ``(members, reasons, None)`` with ``members`` ready for webdataset's TarWriter and
-    ``reasons`` the normalisations applied, or ``(None, None, errors)``.
+    ``reasons`` the normalisations applied, or ``(None, None, errors)``. A mask or alpha with no
+    foreground is kept with a warning line on stderr naming its file.
     """
     errors, members, labels = [], {}, {}
     image = None
@@ -122,6 +124,12 @@ def build_sample(kind: str, spec: SampleSpec, max_pixels: int):
             errors.append({"path": spec.paths[role], "reason": exc.args[0]})
     if errors:
         return None, None, errors
+    for role, member in labels.items():
+        if member.blank and role in ("mask", "alpha"):
+            # kept (an image without a person is possible), but more often a mask that lost its person
+            # on the way (a class map, a scaled 16-bit file): the user should look at it
+            print(f"warning: {spec.paths.get(role, spec.paths.get('rgba'))}: {role} has no foreground (every pixel 0); "
+                  "the sample is kept and trains as background only", file=sys.stderr, flush=True)
     members[MEMBERS[kind].image_member(image.ext)] = image.data
     for role, member in labels.items():
         members[f"{role}.png"] = member.data

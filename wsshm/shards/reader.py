@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from .layout import MEMBERS, ShardFolderError, check_folder, index_path, select_subset, shard_paths, split_member
+from .images import BadInput, open_image
+from .layout import (MEMBERS, ShardFolderError, check_folder, index_path, key_problem, select_subset,
+                     shard_file_problem, shard_paths, split_member)
 
 
 class CorruptSample(ValueError):
@@ -27,6 +29,10 @@ class Sample:
     def read(self, ext: str) -> bytes:
         offset, size = self.members[ext]
         with open(self.shard, "rb") as f:
+            # checked before reading: a size from a hostile index or tar header (1 TB) would be allocated
+            if offset < 0 or size < 0 or offset + size > os.fstat(f.fileno()).st_size:
+                raise OSError(f"{self.shard}: member {self.key}.{ext} declares {size} bytes at {offset}, "
+                              "beyond the end of the file")
             f.seek(offset)
             data = f.read(size)
         if len(data) != size:
@@ -39,11 +45,14 @@ class Sample:
 
 
 def parse_index(shard: str, idx: str) -> list[Sample]:
-    """The samples listed in a DALI v1.2 webdataset index."""
+    """The samples listed in a DALI v1.2 webdataset index, each line checked against the layout and
+    the shard's size (an index declaring a member beyond the shard is refused before anything is
+    read); ``ShardFolderError`` naming the index and the line otherwise."""
+    shard_size = os.path.getsize(shard)
     with open(idx) as f:
         header = f.readline().split()
         if len(header) != 2 or header[0] != "v1.2":
-            raise ShardFolderError(f"{idx}: not a DALI v1.2 webdataset index (header {' '.join(header)!r}); "
+            raise ShardFolderError(f"{idx}: not a DALI v1.2 webdataset index (header {' '.join(header)!r:.80}); "
                                    f"rebuild it with: wds2idx {shard} {idx}")
         samples = []
         for line_no, line in enumerate(f, start=2):
@@ -51,18 +60,30 @@ def parse_index(shard: str, idx: str) -> list[Sample]:
             if not tokens:
                 continue
             if len(tokens) % 4:
-                raise ShardFolderError(f"{idx}: line {line_no} is malformed")
+                raise ShardFolderError(f"{idx}: line {line_no} is malformed (not groups of: ext offset size name)")
             sample = Sample(split_member(tokens[3])[0], shard)
-            for ext, offset, size, _ in zip(*[iter(tokens)] * 4):
-                sample.members[ext] = (int(offset), int(size))
+            for ext, offset, size, name in zip(*[iter(tokens)] * 4):
+                problem = key_problem(sample.key) or (name != f"{sample.key}.{ext}" and "not its key and extension")
+                if problem:
+                    raise ShardFolderError(f"{idx}: line {line_no} names member {name[:120]}: {problem}")
+                if not (offset.isdigit() and size.isdigit()):
+                    raise ShardFolderError(f"{idx}: line {line_no} is malformed (offset {offset[:20]!r}, "
+                                           f"size {size[:20]!r})")
+                offset, size = int(offset), int(size)
+                if offset + size > shard_size:
+                    raise ShardFolderError(f"{idx}: line {line_no} declares {name[:120]} of {size} bytes at {offset}, "
+                                           f"beyond the end of its shard ({shard_size} bytes)")
+                sample.members[ext] = (offset, size)
             samples.append(sample)
     return samples
 
 
 def scan_tar(shard: str) -> tuple[list[Sample], list[str]]:
     """The samples of a tar in order, and what does not fit the layout (entries that are not regular
-    files, members without a key or an extension, a member twice, a key whose members are not adjacent,
-    which webdataset and DALI would read as two samples). Raises ``tarfile.TarError``/``OSError``."""
+    files, members without a key or an extension, keys that are no relative path of word characters
+    (:func:`~wsshm.shards.layout.key_problem`), a member twice, a key whose members are not adjacent,
+    which webdataset and DALI would read as two samples). Raises ``tarfile.TarError``/``OSError``
+    (a member declaring more bytes than the tar holds included)."""
     samples: dict[str, Sample] = {}
     oddities = []
     last = None
@@ -77,6 +98,8 @@ def scan_tar(shard: str) -> tuple[list[Sample], list[str]]:
                 continue
             if key in samples and key != last:
                 oddities.append(f"{shard}: the members of {key} are not adjacent")
+            if key not in samples and key_problem(key):
+                oddities.append(f"{shard}: {key_problem(key)}")
             sample = samples.setdefault(key, Sample(key, shard))
             if ext in sample.members:
                 oddities.append(f"{shard}: {info.name} appears twice")
@@ -88,16 +111,35 @@ def scan_tar(shard: str) -> tuple[list[Sample], list[str]]:
 def read_samples(shard: str) -> list[Sample]:
     """The samples of one tar, from its DALI index when it has one, else by scanning the tar."""
     idx = index_path(shard)
+    if os.path.lexists(idx) and shard_file_problem(idx):
+        raise ShardFolderError(shard_file_problem(idx))
     try:
         return parse_index(shard, idx) if os.path.isfile(idx) else scan_tar(shard)[0]
-    except (OSError, tarfile.TarError) as exc:
-        raise ShardFolderError(f"{shard}: cannot read shard ({exc})") from exc
+    except (OSError, tarfile.TarError, UnicodeDecodeError) as exc:
+        raise ShardFolderError(f"{shard}: cannot read shard ({exc})".replace("\n", " ")) from exc
+
+
+def decode_image_or_raise(data: bytes, grey: bool = False) -> np.ndarray:
+    """Encoded bytes -> RGB uint8 ``HxWx3`` (or grey ``HxW``) with OpenCV. ``BadInput`` saying why when
+    they are empty, not an image, over ``wsshm.image.MAX_IMAGE_PIXELS`` (read from the header, before
+    any pixel is decoded), or OpenCV cannot decode them (it returns None for some broken files and
+    raises ``cv2.error`` for others, e.g. empty ones)."""
+    open_image(data)
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE if grey else cv2.IMREAD_COLOR)
+    except cv2.error as exc:
+        raise BadInput(f"OpenCV cannot decode it ({str(exc).strip().splitlines()[-1][:200]})") from exc
+    if image is None:
+        raise BadInput("OpenCV cannot decode it")
+    return image if grey else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 def decode_image(data: bytes, grey: bool = False) -> np.ndarray | None:
-    """Encoded bytes -> RGB uint8 ``HxWx3`` (or grey ``HxW``) with OpenCV; None when they do not decode."""
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE if grey else cv2.IMREAD_COLOR)
-    return image if image is None or grey else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    """:func:`decode_image_or_raise`, with None for bytes that do not decode."""
+    try:
+        return decode_image_or_raise(data, grey)
+    except BadInput:
+        return None
 
 
 def decode_sample(sample: Sample, kind: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -114,12 +156,11 @@ def decode_sample(sample: Sample, kind: str) -> tuple[np.ndarray, np.ndarray | N
             decoded.append(None)
             continue
         try:
-            array = decode_image(sample.read(ext), grey)
+            decoded.append(decode_image_or_raise(sample.read(ext), grey))
         except OSError as exc:
             raise CorruptSample(f"{where}: {exc}") from exc
-        if array is None:
-            raise CorruptSample(f"{where}: member {ext} does not decode")
-        decoded.append(array)
+        except BadInput as exc:
+            raise CorruptSample(f"{where}: member {ext}: {exc}") from exc
     image, label = decoded
     if label is not None and label.shape != image.shape[:2]:
         raise CorruptSample(f"{where}: {members.label} is {label.shape[1]}x{label.shape[0]}, "

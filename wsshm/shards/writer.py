@@ -4,24 +4,31 @@ manifest that makes a killed run resumable.
 Each shard is written under a hidden ``.partial`` name, indexed with DALI's ``wds2idx``, and renamed
 into place; only then does the manifest (marked ``"complete": false`` until the end) list it. A rerun
 of the same command removes leftover partial files and continues after the last listed shard.
+
+The manifest also records a fingerprint of the inputs (see :func:`input_fingerprint`): a rerun on
+changed inputs is refused rather than resumed or reported complete. wsshm deletes only what a manifest
+says it wrote, and does not write shards beside ``.tar``/``.idx`` files that no manifest lists.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing
 import os
+import re
+import secrets
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import webdataset as wds
 from tqdm import tqdm
 from wds2idx import IndexCreator
 
-from wsshm.atomic import atomic_path, write_json
+from wsshm.atomic import atomic_path, create_exclusive, is_temporary_of, write_json
 from .layout import ERRORS, MANIFEST, TOOL_VERSION, index_path, select_subset
 from .pairing import Scan, build_sample
 
@@ -80,11 +87,107 @@ def _write_errors(out: Path, errors) -> None:
             f.write(json.dumps(record) + "\n")
 
 
-def _clear_outputs(out: Path) -> None:
-    """Empty a shard folder that --overwrite replaces (its shards, indexes, manifest and report)."""
-    for path in out.iterdir():
-        if path.is_file() and (path.suffix in (".tar", ".idx", ".partial", ".tmp") or path.name in (MANIFEST, ERRORS)):
-            path.unlink()
+def _open_partial(path):
+    """The file an unfinished shard is written to: created new, never through a link planted at its name."""
+    return create_exclusive(path)
+
+
+def input_fingerprint(scan: Scan) -> dict:
+    """A summary of what a conversion reads, cheap to recompute (no file is read): for every paired
+    file its role, path relative to its folder, size and modification time, and the same for every
+    file rejected while pairing. Any added, removed, renamed or edited input changes it."""
+    def stat(path):
+        try:
+            info = os.stat(path)
+            return f"{info.st_size}\t{info.st_mtime_ns}"
+        except OSError:
+            return "unreadable"
+
+    lines = []
+    for spec in scan.samples:
+        stem = PurePosixPath(spec.source).with_suffix("").as_posix()
+        for role, path in spec.paths.items():
+            lines.append(f"{role}\t{stem}{Path(path).suffix}\t{stat(path)}")
+    for record in scan.errors:  # their folders are in the manifest's "source" already, as absolute paths
+        lines.append(f"rejected\t{os.path.abspath(record['path'])}\t{stat(record['path'])}")
+    digest = hashlib.sha256("\n".join(sorted(lines)).encode())
+    return {"files": len(lines), "sha256": digest.hexdigest()}
+
+
+def _read_own_manifest(out: Path) -> dict | None:
+    """The manifest wsshm wrote in ``out``, None when there is none; a ``manifest.json`` that wsshm did not
+    write (unreadable, or another tool's) is refused: wsshm neither deletes nor replaces it."""
+    path = out / MANIFEST
+    if not os.path.lexists(path):
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        manifest = None
+    if not (isinstance(manifest, dict) and str(manifest.get("version", "")).startswith("wsshm-shard")):
+        raise ConversionError(f"{path}: not a manifest wsshm wrote; wsshm will not replace it: move it away or use "
+                              "another --out")
+    return manifest
+
+
+def _plain_name(name) -> bool:
+    """A file name directly inside the folder (a hostile manifest may list ``../x.tar``)."""
+    return isinstance(name, str) and name not in ("", ".", "..") and os.path.basename(name) == name and "\\" not in name
+
+
+def _written_by(manifest: dict | None) -> set:
+    """The names of the files the conversion of ``manifest`` wrote: its listed shards and their indexes,
+    the manifest and errors.jsonl and, while it is unfinished, the next shard (a run killed between
+    renaming a shard and listing it leaves that one behind)."""
+    if manifest is None:
+        return set()
+    names = {MANIFEST, ERRORS}
+    shards = manifest.get("shards") if isinstance(manifest.get("shards"), list) else []
+    for shard in shards:
+        name = shard.get("name") if isinstance(shard, dict) else None
+        if _plain_name(name) and name.endswith(".tar"):
+            names |= {name, index_path(name)}
+    prefix = manifest.get("options", {}).get("name") if isinstance(manifest.get("options"), dict) else None
+    if manifest.get("complete") is not True and _plain_name(prefix):
+        following = f"{prefix}-{len(shards):06d}.tar"
+        names |= {following, index_path(following)}
+    return names
+
+
+def _refuse_foreign_shards(out: Path, ours: set) -> None:
+    """Refuse a folder holding ``.tar`` or ``.idx`` files that wsshm did not write: a new shard could take
+    such a name, --overwrite must not delete it, and ``verify`` would flag it beside the shards."""
+    foreign = sorted(e.name for e in os.scandir(out) if e.name.endswith((".tar", ".idx")) and e.name not in ours)
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise ConversionError(f"{out / foreign[0]}{more}: not listed in this folder's {MANIFEST}, so not wsshm's to "
+                              "replace or write beside; move it away or use another --out")
+
+
+def _is_leftover(file_name: str, name: str) -> bool:
+    """Whether ``file_name`` is a temporary a killed conversion named ``name`` left: an unfinished shard,
+    or an index, manifest or error report not yet renamed."""
+    if re.fullmatch(rf"\.{re.escape(name)}-([0-9a-f]{{8}}-)?[0-9]{{6}}\.tar\.partial", file_name):
+        return True
+    index = re.match(rf"\.({re.escape(name)}-[0-9]{{6}}\.idx)\.", file_name)
+    finals = [MANIFEST, ERRORS] + ([index.group(1)] if index else [])
+    return any(is_temporary_of(file_name, final) for final in finals)
+
+
+def _remove_leftovers(out: Path, names) -> None:
+    for entry in os.scandir(out):
+        if any(_is_leftover(entry.name, name) for name in names if _plain_name(name)):
+            os.unlink(entry.path)  # a link planted there goes, never what it points to
+
+
+def _clear_outputs(out: Path, manifest: dict) -> None:
+    """Delete what the conversion of ``manifest`` wrote (--overwrite): its shards, indexes, error report
+    and leftovers, the manifest last so that an interrupted clearing can be run again."""
+    for name in sorted(_written_by(manifest) - {MANIFEST}) + [MANIFEST]:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(out / name)
+    options = manifest.get("options") if isinstance(manifest.get("options"), dict) else {}
+    _remove_leftovers(out, [options.get("name")])
 
 
 @dataclass
@@ -105,6 +208,7 @@ class _Conversion:
     source: dict
     options: dict
     scan: Scan
+    inputs: dict  # input_fingerprint(scan)
     shards: list = field(default_factory=list)  # the manifest's entries of the finished shards
     open_keys: list = field(default_factory=list)  # keys written into the open shard
     saved_errors: list = field(default_factory=list)
@@ -113,6 +217,8 @@ class _Conversion:
     normalised: int = 0
     reasons: Counter = field(default_factory=Counter)
     written: int = 0  # samples written by this run
+    partial: str | None = None  # the open shard's file name, and its file
+    partial_file: object = None
 
     def resume(self, previous: dict) -> None:
         """Continue the unfinished conversion whose manifest is ``previous``."""
@@ -126,7 +232,7 @@ class _Conversion:
 
     def manifest(self, complete: bool) -> dict:
         data = {"kind": self.kind, "count": sum(s["count"] for s in self.shards), "shards": self.shards,
-                "source": self.source, "options": self.options, "version": TOOL_VERSION,
+                "source": self.source, "options": self.options, "inputs": self.inputs, "version": TOOL_VERSION,
                 "normalised": {"count": self.normalised, "reasons": dict(self.reasons)},
                 "errors": len(self.scan.errors) + len(self.saved_errors), "ignored_files": self.scan.ignored,
                 "complete": complete}
@@ -146,8 +252,25 @@ class _Conversion:
             self.normalised += 1
             self.reasons.update(reasons)
 
+    def open_partial(self, path: str):
+        """ShardWriter's ``opener``."""
+        self.partial, self.partial_file = path, _open_partial(path)
+        return self.partial_file
+
+    def abandon(self, writer) -> None:
+        """After a failure (a full disk, an interrupt): remove the open shard; the finished ones stay."""
+        if self.partial is not None:
+            with contextlib.suppress(Exception):  # closed now, so that tarfile does not retry (and print) at exit
+                writer.tarstream.close()
+            with contextlib.suppress(OSError):
+                self.partial_file.close()  # on a full disk, flushing fails again
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.partial)
+        self.partial = self.partial_file = None
+
     def finish_shard(self, partial: str) -> None:
         """ShardWriter's ``post``: index the shard, give it its final name, list it in the manifest."""
+        self.partial_file.close()
         keys, self.open_keys = self.open_keys, []
         if not keys:
             os.unlink(partial)
@@ -156,6 +279,7 @@ class _Conversion:
         write_index(partial, index_path(final))
         digest, size = sha256_file(partial), os.path.getsize(partial)
         os.replace(partial, final)
+        self.partial = self.partial_file = None
         self.shards.append({"name": final.name, "count": len(keys), "sha256": digest, "bytes": size,
                             "last_key": keys[-1]})
         self.saved_errors += self.open_errors
@@ -172,23 +296,30 @@ class _Conversion:
         return manifest
 
 
-def _previous_manifest(out: Path, kind: str, options: dict, source: dict, overwrite: bool) -> dict | None:
-    """The manifest of the same conversion already in ``out`` (finished or not), else None; a folder
-    holding another conversion is emptied with ``overwrite`` and refused without."""
-    if not (out / MANIFEST).is_file():
-        return None
-    try:
-        previous = json.loads((out / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError):
-        previous = None
-    same = (previous is not None and previous.get("kind") == kind and previous.get("options") == options
-            and previous.get("source") == source)
-    if same:
-        return previous
-    if not overwrite:
-        raise ConversionError(f"{out / MANIFEST}: this folder holds a different conversion; use another --out "
-                              "or --overwrite")
-    _clear_outputs(out)
+def _previous_manifest(out: Path, kind: str, options: dict, source: dict, inputs: dict, overwrite: bool):
+    """The manifest of the same conversion of the same inputs already in ``out`` (finished or not), else
+    None. Another conversion, or this one on changed inputs, is replaced with ``overwrite`` (deleting only
+    what wsshm wrote) and refused without; so is a folder holding shard-like files wsshm did not write."""
+    previous = _read_own_manifest(out)
+    if previous is not None:
+        same = (previous.get("kind") == kind and previous.get("options") == options
+                and previous.get("source") == source)
+        if same and previous.get("inputs") == inputs:
+            if not previous.get("complete"):  # it will write again
+                _refuse_foreign_shards(out, _written_by(previous))
+            return previous
+        if not overwrite:
+            if not same:
+                raise ConversionError(f"{out / MANIFEST}: this folder holds a different conversion; use another --out "
+                                      "or --overwrite")
+            then = previous.get("inputs", {}).get("files") if isinstance(previous.get("inputs"), dict) else None
+            when = "was converted" if previous.get("complete") else "was left unfinished"
+            what = (f"the input files changed since this folder {when} ({then} files then, {inputs['files']} now)"
+                    if then is not None else f"this folder {when} by a wsshm that did not record its inputs")
+            raise ConversionError(f"{out}: {what}; rerun with --overwrite to convert them again")
+    _refuse_foreign_shards(out, _written_by(previous))
+    if previous is not None:
+        _clear_outputs(out, previous)
     return None
 
 
@@ -199,6 +330,8 @@ def convert(kind: str, scan: Scan, out, *, name=None, source=None, limit=None, s
 
     start = time.time()
     out, name = Path(out), name or kind
+    if not re.fullmatch(r"[\w-][\w.-]*", name):  # a name is part of file names inside --out, never a path
+        raise ConversionError(f"--name {name!r}: use letters, digits, '_', '-' and '.' (not first)")
     max_pixels = max_pixels or DEFAULT_MAX_PIXELS
     specs = scan.samples
     if limit is not None:
@@ -209,15 +342,15 @@ def convert(kind: str, scan: Scan, out, *, name=None, source=None, limit=None, s
     options = {"name": name, "limit": limit, "seed": seed, "maxcount": maxcount, "maxsize": maxsize,
                "max_pixels": max_pixels, "on_error": on_error}
     source = source or {}
+    inputs = input_fingerprint(scan)  # of all the scanned inputs: a new sample can change the --limit subset
 
     out.mkdir(parents=True, exist_ok=True)
-    previous = _previous_manifest(out, kind, options, source, overwrite)
+    previous = _previous_manifest(out, kind, options, source, inputs, overwrite)
     if previous and previous.get("complete"):
         return {"kind": kind, "count": previous["count"], "shards": len(previous["shards"]),
                 "errors": previous.get("errors", 0), "normalised": previous.get("normalised", {}).get("count", 0),
                 "already_complete": True, "seconds": time.time() - start}
-    for path in out.glob(f".{name}-*"):
-        path.unlink()  # leftovers of a killed run
+    _remove_leftovers(out, [name])  # of a killed run
 
     if on_error == "fail":
         errors = list(scan.errors)
@@ -230,29 +363,38 @@ def convert(kind: str, scan: Scan, out, *, name=None, source=None, limit=None, s
             raise ConversionError(f"{len(errors)} broken input(s), nothing converted (--on-error fail); "
                                   f"see {out / ERRORS}")
 
-    run = _Conversion(kind, name, out, source, options, scan)
+    run = _Conversion(kind, name, out, source, options, scan, inputs)
     resume_at = 0
     if previous:
         run.resume(previous)
         position = {s.key: i for i, s in enumerate(specs)}
-        if run.shards and run.shards[-1]["last_key"] not in position:
-            raise ConversionError(f"{out / MANIFEST}: the inputs changed since the interrupted run; use --overwrite")
+        if run.shards and run.shards[-1].get("last_key") not in position:  # same inputs: only a hand-edited manifest
+            raise ConversionError(f"{out / MANIFEST}: the last shard's key is not among the inputs; use --overwrite")
         resume_at = position[run.shards[-1]["last_key"]] + 1 if run.shards else 0
+    else:
+        write_json(out / MANIFEST, run.manifest(complete=False))  # the folder is this conversion's from now on
     todo = specs[resume_at:]
 
-    writer = wds.ShardWriter(str(out / f".{name}-%06d.tar.partial"), maxcount=maxcount, maxsize=maxsize,
-                             post=run.finish_shard, start_shard=len(run.shards), verbose=0, encoder=False,
+    # the random part keeps another run's (or anyone's) file from standing at the name when it is created;
+    # ShardWriter's pattern is a %-format of the whole path
+    partial = str(out / f".{name}-{secrets.token_hex(4)}-").replace("%", "%%") + "%06d.tar.partial"
+    writer = wds.ShardWriter(partial, maxcount=maxcount, maxsize=maxsize, post=run.finish_shard,
+                             opener=run.open_partial, start_shard=len(run.shards), verbose=0, encoder=False,
                              mtime=FIXED_MTIME, user="wsshm", group="wsshm", mode=0o444)
-    with _progress(len(todo), f"{kind} -> {out}", progress) as bar:
-        for spec, (members, reasons, bad) in zip(todo, _results(kind, todo, workers, max_pixels)):
-            if bad:
-                run.skipped(bad)
-            else:
-                writer.write({"__key__": spec.key, **members})  # may close the previous shard first
-                run.wrote(spec.key, reasons)
-            bar.update()
-            bar.set_postfix(ok=run.written, errors=run.error_count(), refresh=False)
-    writer.close()  # finishes the last shard
+    try:
+        with _progress(len(todo), f"{kind} -> {out}", progress) as bar:
+            for spec, (members, reasons, bad) in zip(todo, _results(kind, todo, workers, max_pixels)):
+                if bad:
+                    run.skipped(bad)
+                else:
+                    writer.write({"__key__": spec.key, **members})  # may close the previous shard first
+                    run.wrote(spec.key, reasons)
+                bar.update()
+                bar.set_postfix(ok=run.written, errors=run.error_count(), refresh=False)
+        writer.close()  # finishes the last shard
+    except BaseException:
+        run.abandon(writer)
+        raise
     manifest = run.finish()
     return {"kind": kind, "count": manifest["count"], "shards": len(run.shards), "errors": manifest["errors"],
             "normalised": run.normalised, "resumed_after": resume_at, "converted_now": run.written,
