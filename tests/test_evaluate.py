@@ -1,6 +1,11 @@
 """wsshm-eval: the test-time protocol and metrics on tiny sets whose scores are known by hand."""
+import contextlib
 import json
 import math
+import os
+import resource
+import shutil
+import signal
 from pathlib import Path
 
 import cv2
@@ -113,3 +118,95 @@ def test_real_portraits_read_as_a_folder_set():
     for s in samples:
         assert s.image.dtype == np.uint8 and s.image.shape[:2] == s.alpha.shape
         assert 0.0 <= s.alpha.min() and s.alpha.max() <= 1.0 and s.alpha.std() > 0.1
+
+
+@contextlib.contextmanager
+def file_size_limit(limit: int):
+    """Writes past ``limit`` bytes in any file fail (EFBIG), as they fail on a full disk (ENOSPC)."""
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, old[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+@pytest.fixture
+def weights_and_set(tmp_path):
+    from wsshm.models import build_model, save_weights
+    torch.manual_seed(0)
+    save_weights(build_model("unet_r18_w0.125"), tmp_path / "net.safetensors")
+    alpha = np.zeros((64, 48), np.uint8)
+    alpha[16:48, 12:36] = 255
+    return tmp_path / "net.safetensors", write_set(tmp_path / "set", {"p0": alpha, "p1": alpha[::-1].copy()})
+
+
+def test_full_disk_is_one_line_exit_2_and_no_half_written_sheet(weights_and_set, tmp_path, capsys):
+    weights, data = weights_and_set
+    out = tmp_path / "eval"
+    with file_size_limit(16 * 1024):  # the metrics files (< 1 KB) fit, worst.png (~55 KB of noise photos) does not
+        code = main(["--weights", str(weights), "--data", str(data), "--out", str(out), "--short-side", "32"])
+    assert code == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == [f"wsshm-eval: error: {out / 'worst.png'}: cannot write (File too large)"]
+    assert "wrote" not in captured.out
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.csv", "metrics.json", "metrics.md"]  # whole, no temporaries
+    assert json.loads((out / "metrics.json").read_text())["count"] == 2
+
+
+def test_out_that_cannot_be_a_folder_is_one_line_before_evaluating(weights_and_set, tmp_path, capsys, monkeypatch):
+    weights, data = weights_and_set
+    taken = tmp_path / "taken"
+    taken.write_text("a file where the output folder should go")
+    monkeypatch.setattr("wsshm.evaluate.evaluate_model", lambda *a, **k: pytest.fail("evaluated anyway"))
+    assert main(["--weights", str(weights), "--data", str(data), "--out", str(taken / "eval")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"wsshm-eval: error: {taken / 'eval'}: cannot create the output folder")
+    assert taken.read_text() == "a file where the output folder should go"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_out_is_one_line(weights_and_set, tmp_path, capsys):
+    weights, data = weights_and_set
+    out = tmp_path / "ro"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        assert main(["--weights", str(weights), "--data", str(data), "--out", str(out), "--short-side", "32"]) == 2
+    finally:
+        out.chmod(0o755)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(out) in err[0] and not list(out.iterdir())
+
+
+def test_two_images_with_one_name_are_refused_naming_both(tmp_path, capsys):
+    data = write_set(tmp_path / "set", {"a": np.zeros((8, 8), np.uint8)})
+    cv2.imwrite(str(data / "images" / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(EvalDataError) as error:
+        load_eval_set(data)
+    assert str(error.value) == (f"{data / 'images' / 'a.jpg'} and {data / 'images' / 'a.png'}: two images "
+                                "with the key 'a' (one image per name)")
+
+
+def test_a_key_in_two_shards_is_refused_naming_both(tmp_path):
+    from wsshm.shards.cli import main as shard_main
+    src = write_set(tmp_path / "src", {"p0": np.zeros((16, 16), np.uint8)})
+    folder = tmp_path / "shards"
+    assert shard_main(["eval", "--images", str(src / "images"), "--alphas", str(src / "alphas"),
+                       "--out", str(folder), "--workers", "1", "--no-progress"]) == 0
+    manifest = json.loads((folder / "manifest.json").read_text())
+    first = manifest["shards"][0]
+    second = dict(first, name=first["name"].replace("000000", "000001"))
+    shutil.copy(folder / first["name"], folder / second["name"])
+    for suffix in (".idx",):
+        if (folder / first["name"]).with_suffix(suffix).exists():
+            shutil.copy((folder / first["name"]).with_suffix(suffix), (folder / second["name"]).with_suffix(suffix))
+    manifest["shards"].append(second)
+    manifest["count"] *= 2
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EvalDataError) as error:
+        load_eval_set(folder)
+    assert str(error.value) == (f"{folder / first['name']} and {folder / second['name']}: two samples with the key "
+                                "'p0' (one sample per key)")

@@ -242,3 +242,31 @@ def test_shape_mismatch_is_a_clear_error():
         evaluate_pair(np.zeros((4, 5)), np.zeros((5, 4)))
     with pytest.raises(ValueError, match="H x W"):
         evaluate_pair(np.zeros((4, 5, 1)), np.zeros((4, 5, 1)))
+
+
+@pytest.mark.parametrize("pred, gt, message", [
+    # 0..255 mattes would score 65,025x too high: refused, not converted
+    (np.zeros((4, 5), np.uint8), np.zeros((4, 5)), r"pred: expected a float matte in \[0, 1\], got uint8"),
+    (np.zeros((4, 5)), np.full((4, 5), 255, np.uint8), r"gt: expected a float matte in \[0, 1\], got uint8"),
+    (np.zeros((4, 5)), np.zeros((4, 5), bool), r"gt: expected a float matte in \[0, 1\], got bool"),
+    (np.full((4, 5), 255.0), np.zeros((4, 5)), r"pred: values outside \[0, 1\] \(255 to 255\)"),
+    (np.zeros((4, 5)), np.full((4, 5), -0.5), r"gt: values outside \[0, 1\] \(-0.5 to -0.5\)"),
+    (np.array([[0.5, np.nan]]), np.zeros((1, 2)), "pred: 1 value is not finite"),
+    (np.zeros((1, 2)), np.array([[np.inf, np.nan]]), "gt: 2 values are not finite"),
+    (np.zeros((0, 0)), np.zeros((0, 0)), r"pred: an empty 0x0 matte"),
+    (np.zeros((3, 0)), np.zeros((3, 0)), r"pred: an empty 0x3 matte"),
+])
+def test_bad_mattes_are_one_clear_error_naming_the_argument(pred, gt, message):
+    for metric in (evaluate_pair, gradient_error, connectivity_error):
+        with pytest.raises(ValueError, match=message) as error:
+            metric(pred, gt)
+        assert "\n" not in str(error.value)
+
+
+def test_float32_and_float16_mattes_are_scored_like_float64():
+    gt = np.array([[0.0, 0.5], [1.0, 0.25]])
+    pred = np.array([[0.0, 0.0], [1.0, 1.0]])
+    expected = evaluate_pair(pred, gt)
+    for dtype in (np.float32, np.float16):
+        got = evaluate_pair(pred.astype(dtype), gt.astype(dtype))
+        assert got["mse"] == pytest.approx(expected["mse"]) and got["sad"] == pytest.approx(expected["sad"])

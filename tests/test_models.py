@@ -205,7 +205,7 @@ def test_load_errors_name_the_file(tmp_path):
 @pytest.mark.parametrize("metadata, message", [
     ({"arch": "unet_r7"}, "cannot build arch 'unet_r7'"),
     (None, "no 'arch'"),
-    ({"arch": "unet_r18_w0.25"}, "the weights do not fit a 'unet_r18_w0.25'"),
+    ({"arch": "unet_r18_w0.25"}, "the file does not hold a 'unet_r18_w0.25' network"),
 ])
 def test_bad_metadata_errors_name_the_file(tmp_path, metadata, message):
     path = tmp_path / "bad.safetensors"
@@ -256,3 +256,64 @@ def test_load_torchvision_encoder_strict():
         load_torchvision_encoder(build_model("unet_r18_w0.5"), state_w)
     with pytest.raises(ValueError, match="no ResNet encoder"):
         load_torchvision_encoder(MatteOnly(), state_w)
+
+
+def _virtual_memory_bytes() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+
+
+def test_tiny_file_claiming_a_huge_arch_is_refused_before_anything_is_allocated(tmp_path):
+    # unet_r18_w1000 has ~147 GB of parameters; the file holds 8 bytes. The network is checked
+    # against the file's header on the meta device, so not even the (random) initialisation runs.
+    import resource
+    path = tmp_path / "huge.safetensors"
+    save_file({"w": torch.zeros(2)}, path, metadata={"arch": "unet_r18_w1000", "arch_kwargs": "{}"})
+    old = resource.getrlimit(resource.RLIMIT_AS)
+    # 2 GB of head room: an attempt to build the network for real fails here instead of swapping the machine
+    resource.setrlimit(resource.RLIMIT_AS, (_virtual_memory_bytes() + 2 * 2**30, old[1]))
+    try:
+        with pytest.raises(ValueError) as error:
+            load_weights(path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, old)
+    message = str(error.value)
+    assert message.startswith(f"{path}: the file does not hold a 'unet_r18_w1000' network") and "\n" not in message
+    assert "1 unexpected tensor (w)" in message and "missing" in message
+
+
+def test_shape_mismatches_are_named_in_one_line(tmp_path):
+    model = tiny()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["encoder.conv1.weight"] = torch.zeros(1, 1)
+    path = tmp_path / "mismatch.safetensors"
+    save_file(state, path, metadata={"arch": "unet_r18_w0.25", "arch_kwargs": "{}"})
+    with pytest.raises(ValueError) as error:
+        load_weights(path)
+    assert str(error.value) == (f"{path}: the file does not hold a 'unet_r18_w0.25' network its metadata names: "
+                                "encoder.conv1.weight is 1x1 in the file, 16x3x7x7 in the network")
+
+
+@pytest.mark.parametrize("arch_kwargs, message", [
+    ('{"in_channels": "x"}', "arch keyword in_channels must be a positive integer, got 'x'"),
+    ('{"aspp_rates": 5}', "arch keyword aspp_rates must be a list of positive integers, got 5"),
+    ('{"aspp_rates": [1, "x"]}', r"arch keyword aspp_rates must be a list of positive integers, got \[1, 'x'\]"),
+    ('{"depth": 5}', "arch keyword depth is given by the name unet_r18_w0.25"),
+    ('{"foo": 1}', r"unknown arch keyword foo \(unet_r18_w0.25 takes aspp_rates, in_channels\)"),
+    ('[1, 2]', r"arch_kwargs must be a JSON object, got \[1, 2\]"),
+    ('{"a": ', "arch_kwargs is not JSON"),
+])
+def test_bad_arch_keywords_are_one_clear_error_naming_the_file(tmp_path, arch_kwargs, message):
+    path = tmp_path / "kw.safetensors"
+    save_file({"w": torch.zeros(2)}, path, metadata={"arch": "unet_r18_w0.25", "arch_kwargs": arch_kwargs})
+    with pytest.raises(ValueError, match=f"^{path}: cannot build arch 'unet_r18_w0.25': {message}") as error:
+        load_weights(path)
+    assert "\n" not in str(error.value)
+
+
+def test_build_model_checks_unet_keywords():
+    with pytest.raises(ValueError, match="^arch keyword in_channels must be a positive integer, got True"):
+        build_model("unet_r18_w0.25", in_channels=True)
+    with pytest.raises(ValueError, match="^arch keyword width is given by the name unet_r18"):
+        build_model("unet_r18", width=2.0)
+    assert build_model("unet_r18_w0.125", aspp_rates=(2, 4), in_channels=4).encoder.conv1.weight.shape[1] == 4

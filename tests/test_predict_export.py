@@ -1,4 +1,5 @@
 """wsshm-predict on a few photos and bad inputs; wsshm-export round trip through onnxruntime."""
+import os
 from pathlib import Path
 
 import numpy as np
@@ -7,6 +8,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from PIL import Image
+from test_evaluate import file_size_limit  # tests/ is on sys.path (no package)
 
 from wsshm.export import TOLERANCE_FP16, TOLERANCE_FP32, export_onnx, verify_onnx
 from wsshm.export import main as export_main
@@ -198,3 +200,111 @@ def test_export_cli_int8_needs_calibration(weights, tmp_path, capsys):
     assert export_main(["--weights", str(weights), "--onnx", str(tmp_path / "x.onnx"), "--int8",
                         "--calibration", str(tmp_path / "nowhere")]) == 2
     assert "calibration folder not found" in capsys.readouterr().err
+
+
+# ---- reading photos as the converter does; outputs that cannot be written ------------------------
+
+def _photo_variants(folder: Path) -> dict[str, Path]:
+    """The same 40x24 picture as 16-bit grey, 8-bit grey, RGBA, palette PNG and an EXIF-rotated JPEG."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ramp = np.linspace(0, 65535, 40 * 24).reshape(24, 40).astype(np.uint16)
+    rgb = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    paths = {name: folder / f"{name}.{ext}" for name, ext in
+             (("grey16", "png"), ("grey8", "png"), ("rgba", "png"), ("palette", "png"), ("exif", "jpg"))}
+    Image.fromarray(ramp).save(paths["grey16"])
+    Image.fromarray((ramp // 257).astype(np.uint8)).save(paths["grey8"])
+    Image.fromarray(np.dstack([rgb, np.full((24, 40), 7, np.uint8)])).save(paths["rgba"])
+    Image.fromarray(rgb).convert("P").save(paths["palette"])
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown rotated 90 degrees clockwise
+    Image.fromarray(rgb).save(paths["exif"], exif=exif.tobytes(), quality=95)
+    return paths
+
+
+def test_read_image_reads_every_kind_of_photo_as_the_converter_stores_it(tmp_path):
+    from wsshm.image import read_image
+    from wsshm.shards.images import load_rgb
+    from wsshm.shards.reader import decode_image
+    for name, path in _photo_variants(tmp_path).items():
+        image = read_image(path)
+        stored = decode_image(load_rgb(str(path)).data)  # what training and eval see
+        assert image.dtype == np.uint8 and image.shape == stored.shape, name
+        assert np.abs(image.astype(int) - stored).max() <= 1, name  # 16-bit: /256 vs /257 rounding
+    grey16 = read_image(tmp_path / "grey16.png")
+    assert grey16.shape == (24, 40, 3) and grey16[0, 0, 0] == 0 and grey16[-1, -1, 0] == 255
+    assert 120 <= grey16[12, 0, 0] <= 130  # mid-grey, not the near-white of a clipped 16-bit read
+    assert read_image(tmp_path / "exif.jpg").shape == (40, 24, 3)
+
+
+def test_read_image_names_the_file_it_cannot_read(tmp_path):
+    from wsshm.image import read_image
+    empty, junk = tmp_path / "empty.png", tmp_path / "junk.jpg"
+    empty.write_bytes(b"")
+    junk.write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match=f"^{empty}: cannot read image \\(empty"):
+        read_image(empty)
+    with pytest.raises(ValueError, match=f"^{junk}: cannot read image"):
+        read_image(junk)
+    with pytest.raises(ValueError, match=f"^{tmp_path}: cannot read image"):
+        read_image(tmp_path)
+
+
+def test_predict_reads_a_16_bit_grey_png_as_grey(weights, tmp_path):
+    photo = _photo_variants(tmp_path / "in")["grey16"]
+    assert predict_main([str(photo), "--weights", str(weights), "--out", str(tmp_path / "out"),
+                         "--short-side", "32"]) == 0
+    cutout = np.asarray(Image.open(tmp_path / "out" / "cutout" / "grey16.png"))
+    expected = np.linspace(0, 65535, 40 * 24).reshape(24, 40) / 257
+    assert np.abs(cutout[..., 0] - expected).max() <= 1.5 and (cutout[..., 0] == cutout[..., 2]).all()
+
+
+def test_predict_on_a_full_disk_is_one_line_and_leaves_no_partial_png(weights, tmp_path, capsys):
+    photo = tmp_path / "noise.png"  # a noise cut-out PNG is ~240 KB; the matte is far smaller
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (200, 300, 3), dtype=np.uint8)).save(photo)
+    out = tmp_path / "out"
+    with file_size_limit(64 * 1024):
+        code = predict_main([str(photo), "--weights", str(weights), "--out", str(out), "--short-side", "32"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"wsshm-predict: error: {out / 'cutout' / 'noise.png'}: cannot write (File too large)"]
+    assert not (out / "cutout" / "noise.png").exists() and not [p for p in out.rglob("*") if p.name.startswith(".")]
+    for png in out.rglob("*.png"):  # whatever has a final name is whole
+        Image.open(png).load()
+
+
+def test_predict_to_an_out_that_cannot_be_a_folder_is_one_line(weights, photos, tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("a file where the output folder should go")
+    assert predict_main([str(photos), "--weights", str(weights), "--out", str(taken / "sub")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"wsshm-predict: error: {taken / 'sub'}: cannot create the output folder")
+    assert taken.read_text() == "a file where the output folder should go"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_predict_to_a_read_only_out_is_one_line(weights, photos, tmp_path, capsys):
+    out = tmp_path / "ro"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        assert predict_main([str(photos), "--weights", str(weights), "--out", str(out)]) == 2
+    finally:
+        out.chmod(0o755)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot" in err[0] and str(out) in err[0] and not list(out.iterdir())
+
+
+def test_every_cli_refuses_a_tiny_file_naming_a_huge_network_in_one_line(photos, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from wsshm.evaluate import main as eval_main
+    huge = tmp_path / "huge.safetensors"  # 8 bytes of tensors naming a ~147 GB network
+    save_file({"w": torch.zeros(2)}, huge, metadata={"arch": "unet_r18_w1000", "arch_kwargs": "{}"})
+    runs = {"predict": lambda: predict_main([str(photos), "--weights", str(huge), "--out", str(tmp_path / "p")]),
+            "export": lambda: export_main(["--weights", str(huge), "--onnx", str(tmp_path / "x.onnx")]),
+            "eval": lambda: eval_main(["--weights", str(huge), "--data", str(photos), "--out", str(tmp_path / "e")])}
+    for tool, run in runs.items():
+        assert run() == 2, tool
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{huge}: the file does not hold a 'unet_r18_w1000' network" in err[0], tool
+    assert not (tmp_path / "x.onnx").exists()

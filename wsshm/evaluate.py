@@ -5,11 +5,13 @@
 ``--data`` is an ``eval`` shard folder (SPEC section 5) or a plain folder with ``images/`` and
 ``alphas/`` (or ``masks/``) whose files pair by name. Writes ``metrics.md``, ``metrics.json``,
 ``metrics.csv`` (one row per image, then the mean) and ``worst.png`` (the worst predictions by MSE:
-image, ground truth, prediction, absolute error) to ``--out``.
+image, ground truth, prediction, absolute error) to ``--out``, each atomically; an output that cannot
+be written (read-only folder, full disk) is one line naming the file and exit status 2.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import heapq
 import math
@@ -22,13 +24,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from wsshm.atomic import write_json
-from wsshm.image import IMAGE_SUFFIXES
+from wsshm.atomic import atomic_path, write_json
+from wsshm.image import IMAGE_SUFFIXES, read_image, write_png
 from wsshm.inference import SHORT_SIDE, default_device, predict_mattes
 from wsshm.metrics import METRIC_KEYS, MetricMeter, evaluate_pair
 from wsshm.shards import CorruptSample, decode_sample, open_shard_set, select_subset
 from wsshm.shards.layout import MANIFEST
-from wsshm.shards.reader import decode_image
 
 LABEL_FOLDERS = ("alphas", "masks")
 COLUMNS = {"mse": "MSE", "sad": "SAD", "mse_boundary": "MSE (boundary)", "sad_boundary": "SAD (boundary)",
@@ -48,10 +49,19 @@ class EvalSample:
 
 
 def _read_image(path: Path, grey: bool = False) -> np.ndarray:
-    image = decode_image(path.read_bytes(), grey)
-    if image is None:
-        raise EvalDataError(f"{path}: not a readable image")
-    return image
+    try:
+        return read_image(path, grey)
+    except ValueError as error:  # names the file and says why
+        raise EvalDataError(str(error)) from None
+
+
+def _claim(sources: dict, key: str, source, what: str) -> None:
+    """Record that ``key`` comes from ``source``; a second source for one key is refused, naming both
+    (one would silently replace the other in the scores)."""
+    if key in sources:
+        raise EvalDataError(f"{sources[key]} and {source}: two {what}s with the key {key!r} "
+                            f"(one {what} per {'name' if what == 'image' else 'key'})")
+    sources[key] = source
 
 
 def _sample(key: str, image: np.ndarray, alpha_u8: np.ndarray, where: str) -> EvalSample:
@@ -73,6 +83,9 @@ def _shard_readers(folder: Path) -> dict:
         samples = open_shard_set(folder, "eval").samples
     except ValueError as error:  # ShardFolderError: one line naming the folder
         raise EvalDataError(str(error)) from None
+    shards: dict[str, str] = {}
+    for sample in samples:
+        _claim(shards, sample.key, sample.shard, "sample")
     return {sample.key: (lambda s=sample: read(s)) for sample in samples}
 
 
@@ -86,11 +99,12 @@ def _folder_readers(folder: Path) -> dict:
     for path in sorted(labels.iterdir(), key=lambda p: (p.suffix.lower() != ".png", p.name)):  # png first
         if path.suffix.lower() in IMAGE_SUFFIXES:
             by_stem.setdefault(path.stem, path)
-    readers = {}
+    readers, images = {}, {}  # images: key -> its file
     for path in sorted(p for p in (folder / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
         label = by_stem.get(path.stem)
         if label is None:
             raise EvalDataError(f"{path}: no label {labels / (path.stem + '.png')}")
+        _claim(images, path.stem, path, "image")
         readers[path.stem] = lambda p=path, q=label: _sample(p.stem, _read_image(p), _read_image(q, grey=True),
                                                              str(p))
     return readers
@@ -115,7 +129,8 @@ def evaluate_model(model: torch.nn.Module, samples: list[EvalSample], short_side
     """Predict every sample with the test-time protocol and score it; returns the summary dict with
     ``mean``, ``skipped_boundary``, ``images`` (per image metrics) and ``worst`` (arrays for the sheet)."""
     meter, rows, heap = MetricMeter(), [], []
-    with tqdm(total=len(samples), desc="evaluate", disable=not progress, dynamic_ncols=True) as bar:
+    # disable=None: no bar when stderr is not a terminal (a log file, a scheduler), as in wsshm-predict
+    with tqdm(total=len(samples), desc="evaluate", disable=None if progress else True, dynamic_ncols=True) as bar:
         for start in range(0, len(samples), batch_size):
             chunk = samples[start:start + batch_size]
             preds = predict_mattes(model, [s.image for s in chunk], short_side=short_side, device=device,
@@ -163,25 +178,38 @@ def worst_sheet(worst: list, path: Path) -> None:
         rows.append(row)
     width = max(r.shape[1] for r in rows)
     sheet = np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows], axis=0)
-    cv2.imwrite(str(path), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
+    write_png(path, sheet)
 
 
-def write_report(result: dict, out: Path, name: str, meta: dict) -> None:
-    """metrics.md, metrics.json, metrics.csv and worst.png of one evaluation into ``out``."""
+@contextlib.contextmanager
+def _writing(path: Path):
+    """An ``OSError`` while writing ``path`` (full disk, read-only folder) as one line naming it."""
+    try:
+        yield
+    except OSError as error:
+        raise OSError(f"{path}: cannot write ({error.strerror or error})") from None
+
+
+def write_report(result: dict, out: Path, name: str, meta: dict) -> list[str]:
+    """metrics.md, metrics.json, metrics.csv and worst.png of one evaluation into ``out``, each
+    atomically; returns the names written. An ``OSError`` naming the file that cannot be written."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.md").write_text(markdown_table({name: result}) +
-                                    f"\n{result['skipped_boundary']} image(s) without a boundary region "
-                                    "left out of the boundary MSE.\n")
+    with _writing(out / "metrics.md"), atomic_path(out / "metrics.md") as tmp:
+        tmp.write_text(markdown_table({name: result}) + f"\n{result['skipped_boundary']} image(s) without a "
+                       "boundary region left out of the boundary MSE.\n")
     summary = {**meta, "count": result["count"], "mean": result["mean"],
                "skipped_boundary": result["skipped_boundary"], "images": result["images"]}
-    write_json(out / "metrics.json", summary, indent=2)
-    with open(out / "metrics.csv", "w", newline="") as handle:
+    with _writing(out / "metrics.json"):
+        write_json(out / "metrics.json", summary, indent=2)
+    with _writing(out / "metrics.csv"), atomic_path(out / "metrics.csv") as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["key", *METRIC_KEYS])
         writer.writeheader()
         writer.writerows(result["images"])
         writer.writerow({"key": "mean", **result["mean"]})
-    if result["worst"]:
-        worst_sheet(result["worst"], out / "worst.png")
+    if not result["worst"]:
+        return ["metrics.md", "metrics.json", "metrics.csv"]
+    worst_sheet(result["worst"], out / "worst.png")  # write_png names the file itself
+    return ["metrics.md", "metrics.json", "metrics.csv", "worst.png"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,23 +230,32 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from wsshm.models import load_weights
+    from wsshm.predict import output_folder_problem
     weights = Path(args.weights)
+    out = Path(args.out) if args.out else weights.with_name(weights.stem + "-eval") / Path(args.data).name
     try:
         model = load_weights(str(weights), map_location="cpu")
         samples = load_eval_set(args.data, limit=args.limit, seed=args.seed)
     except (ValueError, OSError) as error:
         print(f"wsshm-eval: error: {error}", file=sys.stderr)
         return 2
+    problem = output_folder_problem(out)  # before the evaluation, not after it
+    if problem:
+        print(f"wsshm-eval: error: {problem}", file=sys.stderr)
+        return 2
     device = default_device(args.device)
     model = model.to(device).eval()
     result = evaluate_model(model, samples, short_side=args.short_side, device=device,
                             batch_size=args.batch_size, worst=args.worst)
-    out = Path(args.out) if args.out else weights.with_name(weights.stem + "-eval") / Path(args.data).name
     name = args.name or weights.stem
-    write_report(result, out, name, {"weights": str(weights), "data": str(args.data),
-                                      "arch": getattr(model, "arch", None), "short_side": args.short_side})
+    try:
+        written = write_report(result, out, name, {"weights": str(weights), "data": str(args.data),
+                                                   "arch": getattr(model, "arch", None), "short_side": args.short_side})
+    except OSError as error:
+        print(f"wsshm-eval: error: {error}", file=sys.stderr)
+        return 2
     print(markdown_table({name: result}), end="")
-    print(f"wrote {out}/metrics.md, metrics.json, metrics.csv, worst.png")
+    print(f"wrote {out}/{', '.join(written)}")
     return 0
 
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from wsshm.atomic import atomic_path
-from wsshm.image import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, normalize_uint8
+from wsshm.image import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, normalize_uint8, read_image
 from wsshm.inference import MULTIPLE, network_input
 from wsshm.models import load_weights, split_output
 
@@ -88,20 +88,14 @@ def export_onnx(model: nn.Module, path: str, with_boundary: bool = False, fp16: 
 
 
 def calibration_inputs(folder: str, limit: int = 8) -> list[np.ndarray]:
-    """Up to ``limit`` photos of ``folder``, read as ``wsshm-predict`` reads them and shaped as the
-    network sees them under the test-time protocol."""
-    from wsshm.predict import read_rgb
-
+    """Up to ``limit`` photos of ``folder``, read as every wsshm tool reads them (``read_image``) and
+    shaped as the network sees them under the test-time protocol."""
     if not os.path.isdir(folder):
         raise ValueError(f"{folder}: calibration folder not found")
     files = sorted(f for f in os.listdir(folder) if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES)[:limit]
     inputs = []
     for name in files:
-        path = os.path.join(folder, name)
-        try:
-            photo = read_rgb(path)
-        except OSError as error:
-            raise ValueError(f"{path}: unreadable calibration image ({error})") from None
+        photo = read_image(os.path.join(folder, name))  # a ValueError naming the file when unreadable
         inputs.append(network_input(photo).numpy())
     if not inputs:
         raise ValueError(f"{folder}: no calibration photos ({', '.join(sorted(IMAGE_SUFFIXES))})")

@@ -20,9 +20,27 @@ CONN_THETA = 0.15
 METRIC_KEYS = ("mse", "sad", "mse_boundary", "sad_boundary", "mad", "grad", "conn")
 
 
+def _check_matte(name: str, matte) -> np.ndarray:
+    """``matte`` as float64, or a ``ValueError`` naming the argument: integer mattes (0..255 would score
+    65,025x too high, so they are refused rather than guessed at), values outside [0, 1], NaN/inf,
+    and empty arrays."""
+    matte = np.asarray(matte)
+    if not np.issubdtype(matte.dtype, np.floating):
+        raise ValueError(f"{name}: expected a float matte in [0, 1], got {matte.dtype} "
+                         "(divide 8-bit mattes by 255 first)")
+    if matte.ndim == 2 and matte.size == 0:
+        raise ValueError(f"{name}: an empty {matte.shape[1]}x{matte.shape[0]} matte")
+    matte = matte.astype(np.float64)
+    bad = int(np.count_nonzero(~np.isfinite(matte)))
+    if bad:
+        raise ValueError(f"{name}: {bad} value{' is' if bad == 1 else 's are'} not finite (NaN or inf)")
+    if matte.size and (matte.min() < 0.0 or matte.max() > 1.0):
+        raise ValueError(f"{name}: values outside [0, 1] ({matte.min():g} to {matte.max():g})")
+    return matte
+
+
 def _check_pair(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    pred = np.asarray(pred, dtype=np.float64)
-    gt = np.asarray(gt, dtype=np.float64)
+    pred, gt = _check_matte("pred", pred), _check_matte("gt", gt)
     if pred.ndim != 2 or gt.ndim != 2:
         raise ValueError(f"metrics expect H x W mattes, got pred {pred.shape} and gt {gt.shape}")
     if pred.shape != gt.shape:

@@ -5,23 +5,25 @@ For each readable image it writes, under ``--out``:
 ``--composite '#00ff00'`` or ``--background PATH``, ``composite/<name>.png``
 (``alpha * image + (1 - alpha) * background``; a background image is resized to each photo).
 ``<name>`` is the file's stem, or its path relative to a folder given on the command line.
-Unreadable inputs are reported and skipped; the exit status is non-zero only when nothing could be
-processed. Every file is written to a temporary name and renamed, so no half-written PNG is left.
+Photos are read as training and evaluation read them (``wsshm.image.read_image``). Unreadable inputs
+are reported and skipped; the exit status is 1 when nothing could be processed, 2 when ``--out`` cannot
+be written (read-only, full disk). Every file is written to a temporary name and renamed, so no
+half-written PNG is left.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm import tqdm
 
-from wsshm.atomic import atomic_path
-from wsshm.image import IMAGE_SUFFIXES
+from wsshm.image import IMAGE_SUFFIXES, read_image, write_png
 from wsshm.inference import SHORT_SIDE, default_device, predict_mattes
 from wsshm.models import load_weights
 
@@ -61,24 +63,13 @@ def collect_inputs(paths: list[str]) -> tuple[list[tuple[Path, str]], list[str]]
     return unique, problems
 
 
-def read_rgb(path: str | Path) -> np.ndarray:
-    """uint8 ``H x W x 3`` RGB, EXIF orientation applied."""
-    with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
-
-
-def write_png_atomic(array: np.ndarray, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        Image.fromarray(array).save(tmp, format="PNG")
-
-
 def write_prediction(image: np.ndarray, matte: np.ndarray, name: str, out: Path,
                      colour: tuple[int, int, int] | None, background: np.ndarray | None) -> None:
-    """``alpha/<name>.png``, ``cutout/<name>.png`` and, given a colour or background, ``composite/<name>.png``."""
+    """``alpha/<name>.png``, ``cutout/<name>.png`` and, given a colour or background, ``composite/<name>.png``;
+    an ``OSError`` naming the file when one cannot be written."""
     alpha8 = np.round(matte * 255.0).astype(np.uint8)
-    write_png_atomic(alpha8, out / "alpha" / f"{name}.png")
-    write_png_atomic(np.dstack([image, alpha8]), out / "cutout" / f"{name}.png")
+    write_png(out / "alpha" / f"{name}.png", alpha8)
+    write_png(out / "cutout" / f"{name}.png", np.dstack([image, alpha8]))
     if colour is None and background is None:
         return
     h, w = image.shape[:2]
@@ -88,7 +79,19 @@ def write_prediction(image: np.ndarray, matte: np.ndarray, name: str, out: Path,
         back = np.broadcast_to(np.array(colour, dtype=np.float32), image.shape)
     a = matte[..., None]
     composite = a * image.astype(np.float32) + (1.0 - a) * back
-    write_png_atomic(np.clip(np.round(composite), 0, 255).astype(np.uint8), out / "composite" / f"{name}.png")
+    write_png(out / "composite" / f"{name}.png", np.clip(np.round(composite), 0, 255).astype(np.uint8))
+
+
+def output_folder_problem(out: Path) -> str | None:
+    """Why ``out`` cannot take the outputs (created here when missing), or None: checked before any
+    photo is processed."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        return f"{out}: cannot create the output folder ({error.strerror or error})"
+    if not os.access(out, os.W_OK | os.X_OK):
+        return f"{out}: cannot write into the output folder (permission denied)"
+    return None
 
 
 def main(argv=None) -> int:
@@ -116,9 +119,9 @@ def main(argv=None) -> int:
     background = None
     if args.background:
         try:
-            background = read_rgb(Path(args.background))
-        except Exception as error:
-            parser.error(f"--background {args.background}: cannot read image ({error})")
+            background = read_image(args.background)
+        except ValueError as error:
+            parser.error(f"--background {error}")
 
     try:
         model = load_weights(args.weights, map_location="cpu").to(device).eval()
@@ -130,6 +133,10 @@ def main(argv=None) -> int:
 
     inputs, failures = collect_inputs(args.inputs)
     out = Path(args.out)
+    problem = output_folder_problem(out)
+    if problem:
+        print(f"wsshm-predict: error: {problem}", file=sys.stderr)
+        return 2
     done = 0
     chunk: list[tuple[str, np.ndarray]] = []
 
@@ -142,17 +149,21 @@ def main(argv=None) -> int:
         chunk.clear()
         return count
 
-    with tqdm(total=len(inputs), unit="img", desc="wsshm-predict", disable=None) as bar:
-        for path, name in inputs:
-            try:
-                chunk.append((name, read_rgb(path)))
-            except Exception as error:  # PIL raises many kinds for broken files; each is reported
-                failures.append(f"{path}: cannot read image ({type(error).__name__}: {error})")
-            if len(chunk) >= 4 * batch_size:  # a few batches at once lets same-size photos share one
+    try:
+        with tqdm(total=len(inputs), unit="img", desc="wsshm-predict", disable=None) as bar:
+            for path, name in inputs:
+                try:
+                    chunk.append((name, read_image(path)))
+                except ValueError as error:  # names the file and says why
+                    failures.append(str(error))
+                if len(chunk) >= 4 * batch_size:  # a few batches at once lets same-size photos share one
+                    done += flush()
+                bar.update(1)
+            if chunk:
                 done += flush()
-            bar.update(1)
-        if chunk:
-            done += flush()
+    except OSError as error:  # a full disk or a folder made read-only meanwhile: nothing more can be written
+        print(f"wsshm-predict: error: {error}", file=sys.stderr)
+        return 2
     for problem in failures:
         print(f"wsshm-predict: skipped {problem}", file=sys.stderr)
     print(f"wsshm-predict: {done} image(s) written to {out}, {len(failures)} skipped")

@@ -1,6 +1,8 @@
 """``python -m wsshm.models [NAME ...]``: parameter counts and encoder widths as a Markdown table."""
 import argparse
 
+import torch
+
 from .registry import build_model, canonical_arch, list_models
 
 
@@ -16,7 +18,8 @@ def main(argv=None) -> None:
     print("| name | parameters | encoder | decoder + ASPP + heads | encoder widths (stem, layer1..4) |")
     print("| --- | --- | --- | --- | --- |")
     for name in names:
-        model = build_model(name)
+        with torch.device("meta"):  # shapes only: counting unet_r18_w1000 allocates nothing
+            model = build_model(name)
         total = sum(p.numel() for p in model.parameters())
         encoder = getattr(model, "encoder", None)
         if encoder is None:

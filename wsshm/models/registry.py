@@ -56,11 +56,38 @@ def list_models() -> list[str]:
     return list(PAPER_MODELS) + sorted(_CUSTOM)
 
 
+def _is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+# The keywords a built-in U-Net takes besides its name, and what each must be. Checked here because
+# they come from weights files too (``arch_kwargs``), and torch's own errors for a string where a
+# channel count belongs read "not all arguments converted during string formatting".
+UNET_KEYWORDS = {
+    "aspp_rates": ("a list of positive integers",
+                   lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(map(_is_positive_int, v))),
+    "in_channels": ("a positive integer", _is_positive_int),
+}
+
+
+def check_unet_keywords(arch: str, kwargs: dict) -> None:
+    """A ``ValueError`` for a keyword ``MattingNet`` does not take or a value it cannot build from."""
+    for key, value in kwargs.items():
+        if key in ("depth", "width"):
+            raise ValueError(f"arch keyword {key} is given by the name {arch}, not as a keyword")
+        if key not in UNET_KEYWORDS:
+            raise ValueError(f"unknown arch keyword {key} ({arch} takes {', '.join(sorted(UNET_KEYWORDS))})")
+        what, valid = UNET_KEYWORDS[key]
+        if not valid(value):
+            raise ValueError(f"arch keyword {key} must be {what}, got {value!r}")
+
+
 def build_model(name: str, **kwargs) -> nn.Module:
     arch = canonical_arch(name)
     if arch in _CUSTOM:
         model = _CUSTOM[arch](**kwargs)
     else:
+        check_unet_keywords(arch, kwargs)
         depth, width = _parse_unet(arch)
         model = MattingNet(depth=depth, width=width, **kwargs)
     model.arch = arch
