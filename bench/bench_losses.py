@@ -131,6 +131,7 @@ def sass_report() -> int:
     import os
     import re
     import subprocess
+    import tempfile
 
     import triton
     from triton.backends.compiler import GPUTarget
@@ -171,13 +172,14 @@ def sass_report() -> int:
                                               attrs=attrs),
                                     target=GPUTarget("cuda", 90, 32),
                                     options={"num_warps": warps, "enable_fp_fusion": False})
-            path = "/tmp/wsshm_matte_loss.cubin"
-            with open(path, "wb") as f:
-                f.write(kernel.asm["cubin"])
-            usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", path],
-                                   capture_output=True, text=True).stdout
-            sass = subprocess.run([os.path.join(tools, "nvdisasm"), "-c", path],
-                                  capture_output=True, text=True).stdout
+            with tempfile.TemporaryDirectory() as folder:  # a private folder: no name to plant a link at
+                path = os.path.join(folder, "matte_loss.cubin")
+                with open(path, "wb") as f:
+                    f.write(kernel.asm["cubin"])
+                usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", path],
+                                       capture_output=True, text=True).stdout
+                sass = subprocess.run([os.path.join(tools, "nvdisasm"), "-c", path],
+                                      capture_output=True, text=True).stdout
             count = len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+[A-Z@]", sass, flags=re.M))
             pixels_per_thread = rows * block_w / (32 * warps)
             regs = (re.findall(r"REG:(\d+)", usage) or ["?"])[0]

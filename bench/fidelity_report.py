@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from wsshm.atomic import write_json
+from wsshm.atomic import atomic_path, write_json, write_text
 from wsshm.demo import PAPER_ORDERINGS
 from wsshm.models import split_output
 
@@ -152,7 +152,8 @@ def loss_figure(curves: dict[str, Path], path: Path) -> None:
         if len(runs) > 1:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
 
 
@@ -180,7 +181,8 @@ def sample_sheet(weights: dict[str, Path], dataset: Path, path: Path, short_side
             if row == 0:
                 ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
 
 
@@ -326,5 +328,5 @@ def write_report(out: Path, preset, runs: list, results: dict, timings: Timings,
     lines += ["Runs: `runs/<name>/` (loss.csv, tb/, run.json), logs: `logs/`, evaluations: `eval/<model>/<set>/`, "
               "every number: `results.json`.", ""]
     report = out / "report.md"
-    report.write_text("\n".join(lines))
+    write_text(report, "\n".join(lines))
     return report

@@ -5,6 +5,7 @@ The 2-process DeepSpeed runs (each stage, EMA under ZeRO-1/3, resume after SIGTE
 """
 import io
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,29 @@ def test_configuration_mistakes_fail_fast_with_one_line(data, tmp_path, single_p
     save_weights(build_model("unet_r18_w0.5"), tmp_path / "other.safetensors")
     empty = tmp_path / "empty"
     empty.mkdir()
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a safetensors file")
+    other_world = tmp_path / "two-ranks"  # a run.json of 2 processes
+    other_world.mkdir()
+    (other_world / "run.json").write_text('{"stage": "pretrain", "world_size": 2}')
+    hostile = tmp_path / "hostile"  # its only checkpoint pickles an arbitrary object
+    (hostile / "checkpoints" / "step00000002").mkdir(parents=True)
+    (hostile / "checkpoints" / "latest").write_text("step00000002")
+    torch.save({"payload": io.StringIO("not plain data")}, hostile / "checkpoints" / "step00000002" / "mp_rank_00_model_states.pt")
+    tampered = tmp_path / "tampered"  # one byte of a shard changed after conversion
+    shutil.copytree(data["seg"], tampered)
+    shard = next(tampered.glob("*.tar"))
+    raw = bytearray(shard.read_bytes())
+    raw[700] ^= 1  # inside the first member's data: the tar still reads
+    shard.write_bytes(bytes(raw))
+    victim = tmp_path / "victim.txt"  # a file outside the run that planted links point to
+    victim.write_text("keep me")
+    planted = tmp_path / "planted"
+    (planted / "checkpoints").mkdir(parents=True)
+    (planted / "checkpoints" / "latest").symlink_to(victim)
+    planted_log = tmp_path / "planted-log"
+    planted_log.mkdir()
+    (planted_log / "loss.csv").symlink_to(victim)
     student = ["--out", str(tmp_path / "s"), "--seg", str(data["seg"]), "--arch", ARCH, "--crop-sizes", "32",
                "--batch-size", "2", "--num-workers", "0"]
     cases = [
@@ -98,7 +122,18 @@ def test_configuration_mistakes_fail_fast_with_one_line(data, tmp_path, single_p
         ("student", student + ["--teacher", str(tmp_path / "r18.safetensors"), "--init",
                                str(tmp_path / "other.safetensors")], "holds a 'unet_r18_w0.5' network"),
         ("pretrain", pretrain_args({"seg": empty}, tmp_path / "p"), f"--seg {empty}"),
-        ("pretrain", pretrain_args(data, tmp_path / "p", "--resume"), "--resume: no checkpoint"),
+        ("pretrain", pretrain_args(data, tmp_path / "p", "--resume"), "--resume: no usable checkpoint"),
+        ("pretrain", pretrain_args({"seg": data["eval-natural"]}, tmp_path / "p"),
+         "holds 'eval' shards where 'seg' shards are needed"),
+        ("pretrain", pretrain_args(data, tmp_path / "p", "--encoder-weights", str(broken)),
+         f"--encoder-weights {broken}"),
+        ("pretrain", pretrain_args(data, tmp_path / "p", "--batch-size", "0"), "--batch-size 0: must be positive"),
+        ("pretrain", pretrain_args(data, other_world, "--resume"), "written by 2 processes, this run has 1"),
+        ("pretrain", pretrain_args(data, hostile, "--resume"), "no usable checkpoint"),
+        ("pretrain", pretrain_args({"seg": tampered}, tmp_path / "p"),
+         f"--seg {shard}: sha256 differs from the manifest"),
+        ("pretrain", pretrain_args(data, planted), f"{planted}/checkpoints/latest is a symbolic link"),
+        ("pretrain", pretrain_args(data, planted_log), f"{planted_log}/loss.csv is a symbolic link"),
         ("pretrain", pretrain_args(data, tmp_path / "p", "--crop-sizes", "40"), "multiples of 32"),
         # the loaders' rule: three or more values are exact sizes, each checked
         ("pretrain", pretrain_args(data, tmp_path / "p", "--crop-sizes", "32", "64", "100"), "multiples of 32"),
@@ -114,6 +149,28 @@ def test_configuration_mistakes_fail_fast_with_one_line(data, tmp_path, single_p
         main("pretrain", pretrain_args(data, tmp_path / "p", "--deepspeed_config", str(tmp_path / "notjson")))
     assert "cannot read DeepSpeed config" in capsys.readouterr().err
     assert not (tmp_path / "s" / "checkpoints").exists()
+    assert victim.read_text() == "keep me"
+    # the user's choice to trust the files: the same tampered folder passes the checks and trains
+    code, err = run_main("pretrain", pretrain_args({"seg": tampered}, tmp_path / "trusted", "--steps", "1",
+                                                   "--check-shards", "off"), capsys)
+    assert code == 0, err
+
+
+def test_resume_passes_over_a_truncated_newest_checkpoint(data, tmp_path, single_process, capsys):
+    out = tmp_path / "run"
+    code, err = run_main("pretrain", pretrain_args(data, out, "--steps", "4", "--save-every", "2"), capsys)
+    assert code == 0, err
+    checkpoints = out / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step00000002", "step00000004"]
+    assert not list(checkpoints.rglob("*.py"))  # no DeepSpeed recovery script that unpickles freely
+    newest = checkpoints / "step00000004" / "mp_rank_00_model_states.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    with pytest.warns(UserWarning, match="passing over an unusable checkpoint: .*step00000004"):
+        code, err = run_main("pretrain", pretrain_args(data, out, "--steps", "6", "--save-every", "2", "--resume"),
+                             capsys)
+    assert code == 0, err
+    steps = [int(line.split(",")[0]) for line in (out / "loss.csv").read_text().splitlines()[1:]]
+    assert steps == [1, 2, 3, 4, 5, 6]  # steps 3 and 4 of the first run were logged again, once
 
 
 def test_one_non_finite_step_is_skipped_and_a_run_of_them_stops(data, tmp_path, single_process, monkeypatch,

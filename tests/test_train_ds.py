@@ -142,7 +142,8 @@ def test_resume_after_sigterm_gives_the_uninterrupted_weights(pipeline):
     with one_run_at_a_time(root):
         if not (reference / "student.safetensors").exists():
             finish(student(root, data, "student-z1", 1))
-        proc = student(root, data, "student-cut", 1)
+        # with a loader worker, which the scheduler's signal to the process group reaches too
+        proc = student(root, data, "student-cut", 1, "--num-workers", "1")
         latest = root / "student-cut" / "checkpoints" / "latest"
         deadline = time.monotonic() + TIMEOUT
         while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -151,9 +152,38 @@ def test_resume_after_sigterm_gives_the_uninterrupted_weights(pipeline):
         out, _ = proc.communicate(timeout=TIMEOUT)
         assert "SIGTERM: saved step" in out, out[-4000:]
         assert not (root / "student-cut" / "student.safetensors").exists()
-        finish(student(root, data, "student-cut", 1, "--resume"))
+        finish(student(root, data, "student-cut", 1, "--resume", "--num-workers", "1"))
     for name in ("student.safetensors", "teacher-ema.safetensors"):
         assert_same(weights(reference / name), weights(root / "student-cut" / name))
+    steps = [int(r.split(",")[0]) for r in (root / "student-cut" / "loss.csv").read_text().splitlines()[1:]]
+    assert steps == list(range(1, 9))  # each step logged once across the stop and the resume
+
+
+def read_lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_sigterm_to_a_single_process_run_with_workers_saves_and_exits_143(pipeline, tmp_path):
+    root, data = pipeline
+    out = tmp_path / "cut"
+    cmd = [sys.executable, str(ROOT / "launch" / LAUNCH_SCRIPTS["pretrain"]), *COMMON, "--num-workers", "2",
+           "--out", str(out), "--seg", str(data["seg"]), "--steps", "100000", "--save-every", "0"]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+    with one_run_at_a_time(root):
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+        deadline = time.monotonic() + TIMEOUT
+        while len(read_lines(out / "loss.csv")) < 3 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # two steps logged: the workers are up and feeding
+        os.killpg(proc.pid, signal.SIGTERM)  # the run and its two loader workers, as a scheduler does
+        try:
+            output, _ = proc.communicate(timeout=120)  # a run that waits on its workers never ends
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, output[-4000:]
+    assert "SIGTERM: saved step" in output and "Traceback" not in output, output[-4000:]
+    assert (out / "checkpoints" / "latest").read_text().strip() >= "step00000002"
 
 
 def test_bf16_training_saves_the_fp32_master_weights(pipeline, shared):

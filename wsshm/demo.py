@@ -24,6 +24,8 @@ import cv2
 import numpy as np
 import torch
 
+from wsshm.atomic import write_text
+from wsshm.image import write_png
 from wsshm.train.launch import CPU_PROCESSES, CPU_THREADS, ROOT, run_logged, stage_command, training_env
 from wsshm.train.options import STAGE_DEFAULTS
 
@@ -89,7 +91,7 @@ def loss_plot(curves: dict[str, Path], path: Path) -> None:
         cv2.putText(panel, f"{name}: loss {hi:.3f} .. {lo:.3f}", (pad, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1)
         cv2.putText(panel, f"step {steps.max()}", (w - pad - 70, h - 10), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1)
         panels.append(panel)
-    cv2.imwrite(str(path), np.concatenate(panels, axis=1))
+    write_png(path, np.ascontiguousarray(np.concatenate(panels, axis=1)[..., ::-1]))  # drawn as BGR
 
 
 def sample_sheet(teacher_w: Path, student_w: Path, data: Path, path: Path, short_side: int, count: int = 4) -> None:
@@ -102,7 +104,7 @@ def sample_sheet(teacher_w: Path, student_w: Path, data: Path, path: Path, short
     preds = [predict_mattes(load_weights(str(w)).eval(), images, short_side=short_side) for w in (teacher_w, student_w)]
     rows = [np.concatenate([_tile(s.image), _tile(s.alpha), _tile(t), _tile(u)], axis=1)
             for s, t, u in zip(samples, *preds)]
-    cv2.imwrite(str(path), cv2.cvtColor(np.concatenate(rows, axis=0), cv2.COLOR_RGB2BGR))
+    write_png(path, np.concatenate(rows, axis=0))
 
 
 # The paper's Table 3 on natural images, as (better model, worse model, metric key, words).
@@ -164,7 +166,7 @@ def write_report(out: Path, steps: dict, timings: dict, commands: dict, results:
     lines += [" ".join(cmd) for cmd in commands.values()]
     lines += ["```", "", "Logs: `logs/`; TensorBoard: `tensorboard --logdir " + str(out) + "`.", ""]
     report = out / "report.md"
-    report.write_text("\n".join(lines))
+    write_text(report, "\n".join(lines))
     return report
 
 

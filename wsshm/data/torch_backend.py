@@ -8,6 +8,7 @@ whole state is its step counter.
 from __future__ import annotations
 
 import itertools
+import signal
 import sys
 import warnings
 
@@ -37,6 +38,12 @@ def crop(image: np.ndarray, size: int, scale: float, x: float, y: float, flip: b
         interpolation = cv2.INTER_AREA if side_px > size else cv2.INTER_LINEAR
     out = cv2.resize(window, (size, size), interpolation=interpolation)
     return np.ascontiguousarray(out[:, ::-1]) if flip else out
+
+
+def _leave_sigterm_to_the_trainer(worker_id: int) -> None:
+    """A scheduler's SIGTERM reaches the whole process group. A worker that died of it would make the
+    trainer raise before it can save; ignored here, the trainer saves and then stops its workers."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class BatchDataset(Dataset):
@@ -118,7 +125,8 @@ class TorchLoader(Loader):
             self._batches = iter(DataLoader(
                 self.dataset, batch_size=None, sampler=itertools.count(self.step), num_workers=workers,
                 pin_memory=self.device.type == "cuda", prefetch_factor=2 if workers else None,
-                persistent_workers=False, multiprocessing_context=context))
+                persistent_workers=False, multiprocessing_context=context,
+                worker_init_fn=_leave_sigterm_to_the_trainer if workers else None))
         return next(self._batches)
 
     def _stop(self) -> None:

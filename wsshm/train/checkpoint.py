@@ -8,6 +8,8 @@ runs whatever a checkpoint file's pickle asks for. ``SafeCheckpointEngine`` read
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import shutil
 from collections import OrderedDict
 from pathlib import Path
@@ -57,6 +59,56 @@ def latest_tag(checkpoint_dir: Path) -> str | None:
         return None
     tag = latest.read_text().strip()
     return tag if (Path(checkpoint_dir) / tag).is_dir() else None
+
+
+def _loadable(tag_dir: Path) -> str | None:
+    """Why the checkpoint in ``tag_dir`` cannot be resumed from (None: every file opens as plain data).
+
+    The files are memory-mapped, so a truncated or hostile file is found without reading the tensors."""
+    files = sorted(tag_dir.glob("*.pt"))
+    if not files:
+        return "no checkpoint files"
+    for path in files:
+        try:
+            with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as error:  # noqa: BLE001 - any reason makes the checkpoint unusable
+            if isinstance(error, pickle.UnpicklingError) and "Weights only load failed" in str(error):
+                return f"{path.name}: holds objects other than tensors and plain data (not loaded: that could run code)"
+            return f"{path.name}: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+    return None
+
+
+def resume_tag(checkpoint_dir: Path) -> tuple[str | None, list[str]]:
+    """The newest checkpoint that loads, starting from DeepSpeed's ``latest``, and the reasons the
+    newer ones were passed over (a save killed half-way, a truncated or tampered file)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    latest = latest_tag(checkpoint_dir)
+    tags = sorted((p.name for p in checkpoint_dir.glob("step*") if p.is_dir()), reverse=True)
+    if latest is not None:
+        tags = [latest] + [t for t in tags if t < latest]
+    skipped = []
+    for tag in tags:
+        problem = _loadable(checkpoint_dir / tag)
+        if problem is None:
+            return tag, skipped
+        skipped.append(f"{checkpoint_dir / tag}: {problem}")
+    return None, skipped
+
+
+def planted_links(out: Path) -> list[Path]:
+    """Symbolic links where a run writes: the run folder's own entries, and everything under its
+    ``checkpoints/`` and ``tb/`` (DeepSpeed and TensorBoard open their files by name and would follow
+    a link to a file outside the run)."""
+    out = Path(out)
+    if not out.is_dir():
+        return []
+    links = [p for p in out.iterdir() if p.is_symlink()]
+    for sub in ("checkpoints", "tb"):
+        if (out / sub).is_dir() and not (out / sub).is_symlink():
+            for folder, dirs, files in os.walk(out / sub):  # does not descend into linked folders
+                links += [Path(folder) / n for n in dirs + files if (Path(folder) / n).is_symlink()]
+    return sorted(links)
 
 
 def prune_checkpoints(checkpoint_dir: Path, keep: int) -> None:

@@ -21,8 +21,8 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from deepspeed.accelerator import get_accelerator
 
-from wsshm.train.checkpoint import (SafeCheckpointEngine, latest_tag, prune_checkpoints, read_run_info,
-                                    write_run_info)
+from wsshm.train.checkpoint import (SafeCheckpointEngine, planted_links, prune_checkpoints, read_run_info,
+                                    resume_tag, write_run_info)
 from wsshm.train.launch import free_port
 from wsshm.train.monitor import Monitor
 from wsshm.train.options import STAGE_DEFAULTS, ConfigError, build_parser, load_ds_config
@@ -67,23 +67,20 @@ class Trainer:
         self.dtype = torch.bfloat16 if self.use_bf16 else torch.float32
         self.stop_requested = False
         self.bad_in_a_row = 0
+        self.resume_from: str | None = None  # the checkpoint tag --resume continues from
 
     # ------------------------------------------------------------------ checks
     def check(self) -> dict:
         """Every configuration mistake we can see before training, as a ``ConfigError``; returns the
         DeepSpeed config."""
         config = load_ds_config(self.args, self.world, self.use_bf16)
+        links = planted_links(self.out)
+        if links:
+            raise ConfigError(f"--out: {links[0]} is a symbolic link; a run folder holds only what wsshm "
+                              f"wrote, so remove it" + (f" (and {len(links) - 1} more)" if len(links) > 1 else ""))
         self.stage.check()
         if self.args.resume:
-            if latest_tag(self.ckpt_dir) is None:
-                raise ConfigError(f"--resume: no checkpoint in {self.ckpt_dir}")
-            info = read_run_info(self.out) or {}
-            if info.get("stage") not in (None, self.stage.name):
-                raise ConfigError(f"--resume: {self.out} holds a '{info['stage']}' run, not '{self.stage.name}'")
-            arch = getattr(self.stage.network(), "arch", None)
-            if info.get("arch") not in (None, arch):
-                raise ConfigError(f"--resume: {self.out} holds a checkpoint of a '{info['arch']}' network, "
-                                  f"not of the '{arch}' this command builds")
+            self.check_resume()
         if self.args.save_every < 0 or self.args.log_every <= 0 or self.args.image_every < 0:
             raise ConfigError("--save-every/--image-every must be >= 0 and --log-every > 0")
         try:
@@ -91,6 +88,26 @@ class Trainer:
         except OSError as error:
             raise ConfigError(f"--out {self.out}: {error}") from None
         return config
+
+    def check_resume(self) -> None:
+        """Which checkpoint ``--resume`` continues from, found before DeepSpeed opens any."""
+        info = read_run_info(self.out) or {}
+        if info.get("stage") not in (None, self.stage.name):
+            raise ConfigError(f"--resume: {self.out} holds a '{info['stage']}' run, not '{self.stage.name}'")
+        arch = getattr(self.stage.network(), "arch", None)
+        if info.get("arch") not in (None, arch):
+            raise ConfigError(f"--resume: {self.out} holds a checkpoint of a '{info['arch']}' network, "
+                              f"not of the '{arch}' this command builds")
+        if info.get("world_size") not in (None, self.world):
+            raise ConfigError(f"--resume: the checkpoints in {self.ckpt_dir} were written by {info['world_size']} "
+                              f"processes, this run has {self.world}; resume with the same number")
+        tag, skipped = resume_tag(self.ckpt_dir)
+        for reason in skipped:
+            warnings.warn(f"--resume: passing over an unusable checkpoint: {reason}", stacklevel=2)
+        if tag is None:
+            raise ConfigError(f"--resume: no usable checkpoint in {self.ckpt_dir}"
+                              + (f" ({skipped[0]})" if skipped else ""))
+        self.resume_from = tag
 
     def checked_config(self) -> dict:
         """Rank 0 checks and reads the config; every rank gets rank 0's config or its one-line error."""
@@ -100,7 +117,7 @@ class Trainer:
                 config = self.check()
             except ConfigError as error:
                 message = str(error)
-        config, message = _broadcast((config, message), self.rank)
+        config, message, self.resume_from = _broadcast((config, message, self.resume_from), self.rank)
         if message:
             if self.rank == 0:
                 print(f"wsshm {self.stage.name}: error: {message}", file=sys.stderr, flush=True)
@@ -118,6 +135,9 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(model=view, model_parameters=view.parameters(),
                                                     config=ds_config)
         self.engine.checkpoint_engine = SafeCheckpointEngine(self.engine._config)
+        # DeepSpeed copies its zero_to_fp32.py into every checkpoint; that script unpickles without
+        # weights_only, and a checkpoint someone sends should not invite running code from it.
+        self.engine._copy_recovery_script = lambda save_path: None
         self.loader = build_loader(self.stage.name, **self.stage.loader_kwargs(),
                                    batch_size=ds_config["train_micro_batch_size_per_gpu"],
                                    crop_sizes=tuple(self.args.crop_sizes), rank=self.rank,
@@ -148,7 +168,7 @@ class Trainer:
             prune_checkpoints(self.ckpt_dir, KEEP_CHECKPOINTS)
 
     def resume(self) -> None:
-        path, client_state = self.engine.load_checkpoint(str(self.ckpt_dir), tag=latest_tag(self.ckpt_dir))
+        path, client_state = self.engine.load_checkpoint(str(self.ckpt_dir), tag=self.resume_from)
         if path is None or "wsshm" not in client_state:
             raise ConfigError(f"--resume: {self.ckpt_dir} holds no wsshm checkpoint")
         if len(client_state["loader"]) != self.world:
@@ -274,6 +294,9 @@ class Trainer:
             self.export()
         finally:
             monitor.close()
+            # Before the interpreter exits: its atexit hook stops leftover workers with SIGTERM, which
+            # they ignore (see the torch loader), and would wait for them forever.
+            self.loader.close()
         return 0
 
 

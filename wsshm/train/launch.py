@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from wsshm.atomic import open_no_follow
 from wsshm.train.options import LAUNCH_SCRIPTS, ROOT
 
 # Without a GPU: one process on one thread trains the small networks of the demo and the study
@@ -68,7 +69,7 @@ def run_logged(cmd: list[str], log: Path, env: dict, who: str = "wsshm", echo: b
     print("\n$ " + " ".join(cmd), flush=True)
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with open(log, "w") as handle:
+    with open_no_follow(log, "w") as handle:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT, text=True)
         for line in proc.stdout:
             handle.write(line)

@@ -9,6 +9,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from wsshm.atomic import atomic_path, open_no_follow
+
 GRID_ROWS = 4
 
 
@@ -18,6 +20,17 @@ def image_grid(columns: list[Tensor], rows: int = GRID_ROWS) -> Tensor:
     return torch.cat([torch.cat([c[i].float().cpu() for c in columns], dim=2) for i in range(n)], dim=1)
 
 
+def _forget_rows_after(csv_path: Path, step: int) -> None:
+    """Drop the rows of ``loss.csv`` logged after ``step`` (by a run that stopped after its last save)."""
+    with open(csv_path, newline="") as handle:
+        rows = list(csv.reader(handle))
+    kept = rows[:1] + [row for row in rows[1:] if row and int(row[0]) <= step]
+    if len(kept) == len(rows):
+        return
+    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as handle:
+        csv.writer(handle).writerows(kept)
+
+
 class Monitor:
     def __init__(self, tb_dir: Path, csv_path: Path, enabled: bool, total: int, initial: int, desc: str):
         self.enabled = enabled
@@ -25,9 +38,12 @@ class Monitor:
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
-        self.writer = SummaryWriter(str(tb_dir))
-        self.need_header = not csv_path.exists()  # written with the first row, which names the terms
-        self.csv_file = open(csv_path, "a", newline="")
+        self.writer = SummaryWriter(str(tb_dir), purge_step=initial + 1 if initial else None)
+        resumed = initial > 0 and csv_path.exists()
+        if resumed:
+            _forget_rows_after(csv_path, initial)  # the resumed run logs those steps again
+        self.need_header = not resumed  # written with the first row, which names the terms
+        self.csv_file = open_no_follow(csv_path, "a" if resumed else "w", newline="")
         self.csv = csv.writer(self.csv_file)
         self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, mininterval=1.0)
         self.smoothed = None

@@ -67,6 +67,9 @@ def build_parser(stage: str, default_config: str | None = None) -> argparse.Argu
                            "LO to HI (default: the paper's 512..768); or three or more exact sizes")
     data.add_argument("--backend", choices=["torch", "dali"], default="torch")
     data.add_argument("--num-workers", type=int, default=2)
+    data.add_argument("--check-shards", choices=["sha256", "off"], default="sha256",
+                      help="before training, compare every shard with its manifest's sha256 (reads the data "
+                           "once); off: trust the files")
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--steps", type=int, default=defaults.steps)
     optim.add_argument("--lr", type=float, default=defaults.lr)
@@ -125,6 +128,8 @@ def load_ds_config(args, world_size: int, use_bf16: bool) -> dict:
         config = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise ConfigError(f"cannot read DeepSpeed config {path}: {error}") from None
+    if args.batch_size <= 0:
+        raise ConfigError(f"--batch-size {args.batch_size}: must be positive")
     if args.batch_size % world_size:
         raise ConfigError(f"--batch-size {args.batch_size} does not divide by the world size {world_size}")
     config["train_batch_size"] = args.batch_size

@@ -63,13 +63,20 @@ def build_network(args) -> nn.Module:
     return build_model(arch)
 
 
-def check_shard_folder(folder: str, option: str, kind: str, num_samples: int | None = None) -> None:
-    """``wsshm.shards.check_folder`` with its error as a one-line ``ConfigError`` naming the option."""
-    from wsshm.shards import ShardFolderError, check_folder
+def check_shard_folder(folder: str, option: str, kind: str, num_samples: int | None = None, *,
+                       checksums: bool = True) -> None:
+    """``wsshm.shards.check_folder`` with its error as a one-line ``ConfigError`` naming the option;
+    with ``checksums``, every shard's sha256 against the manifest too (one read of the data)."""
+    from wsshm.shards import ShardFolderError, check_checksums, check_folder
     try:
         check_folder(folder, kind, num_samples)
     except ShardFolderError as error:
         raise ConfigError(f"{option} {error}") from None
+    problems = check_checksums(folder) if checksums else []
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ConfigError(f"{option} {problems[0]}{more}; convert the data again, or skip this check "
+                          f"with --check-shards off")
 
 
 # ----------------------------------------------------------------------------- stages
@@ -96,6 +103,11 @@ class Stage(abc.ABC):
         if self.args.steps <= 0:
             raise ConfigError(f"--steps {self.args.steps}: must be positive")
         self.network()
+
+    @property
+    def checksums(self) -> bool:
+        # the DALI loader runs the full verify (checksums included) itself: it cannot skip a bad sample
+        return self.args.check_shards == "sha256" and self.args.backend != "dali"
 
     def network(self) -> nn.Module:
         """The trained network, built once per process (rank 0 builds it while checking), from
@@ -156,7 +168,7 @@ class PretrainStage(Stage):
     name = "pretrain"
 
     def check(self) -> None:
-        check_shard_folder(self.args.seg, "--seg", "seg", self.args.num_seg)
+        check_shard_folder(self.args.seg, "--seg", "seg", self.args.num_seg, checksums=self.checksums)
         if self.args.encoder_weights and not Path(self.args.encoder_weights).is_file():
             raise ConfigError(f"--encoder-weights {self.args.encoder_weights}: no such file")
         super().check()
@@ -165,7 +177,11 @@ class PretrainStage(Stage):
         net = build_network(self.args)
         if self.args.encoder_weights:
             from wsshm.models import load_torchvision_encoder
-            load_torchvision_encoder(net, _read_state_dict(self.args.encoder_weights))
+            path = self.args.encoder_weights
+            try:
+                load_torchvision_encoder(net, _read_state_dict(path))
+            except Exception as error:  # noqa: BLE001 - a broken or foreign file, in one line
+                raise ConfigError(f"--encoder-weights {path}: {str(error).splitlines()[0]}") from None
         return net
 
     def loader_kwargs(self) -> dict:
@@ -189,8 +205,8 @@ class TeacherStage(Stage):
     name = "teacher"
 
     def check(self) -> None:
-        check_shard_folder(self.args.matte, "--matte", "matte", self.args.num_matte)
-        check_shard_folder(self.args.background, "--background", "background")
+        check_shard_folder(self.args.matte, "--matte", "matte", self.args.num_matte, checksums=self.checksums)
+        check_shard_folder(self.args.background, "--background", "background", checksums=self.checksums)
         super().check()
 
     def loader_kwargs(self) -> dict:
@@ -231,7 +247,7 @@ class StudentStage(Stage):
         return None if self.args.mlb_threshold < 0 else self.args.mlb_threshold
 
     def check(self) -> None:
-        check_shard_folder(self.args.seg, "--seg", "seg", self.args.num_seg)
+        check_shard_folder(self.args.seg, "--seg", "seg", self.args.num_seg, checksums=self.checksums)
         teacher = self.frozen_teacher()
         super().check()
         student = self.network()
