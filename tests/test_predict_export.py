@@ -173,6 +173,15 @@ def test_export_cli_reports_bad_weights(tmp_path, capsys):
     assert not (tmp_path / "x.onnx").exists()
 
 
+def test_export_to_a_path_that_cannot_be_written_is_one_line(weights, tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("a file where the output folder should go")
+    assert export_main(["--weights", str(weights), "--onnx", str(taken / "x.onnx"), "--no-verify"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"wsshm-export: error: {taken / 'x.onnx'}: cannot write"), err
+    assert taken.read_text() == "a file where the output folder should go"
+
+
 def test_export_cli_int8_is_quantised_and_close(weights, tmp_path, capsys):
     calibration = tmp_path / "calibration"
     calibration.mkdir()

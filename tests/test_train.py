@@ -95,6 +95,9 @@ def test_configuration_mistakes_fail_fast_with_one_line(data, tmp_path, single_p
     other_world = tmp_path / "two-ranks"  # a run.json of 2 processes
     other_world.mkdir()
     (other_world / "run.json").write_text('{"stage": "pretrain", "world_size": 2}')
+    broken_info = tmp_path / "broken-info"
+    broken_info.mkdir()
+    (broken_info / "run.json").write_text('["not", "an object"]')
     hostile = tmp_path / "hostile"  # its only checkpoint pickles an arbitrary object
     (hostile / "checkpoints" / "step00000002").mkdir(parents=True)
     (hostile / "checkpoints" / "latest").write_text("step00000002")
@@ -130,6 +133,7 @@ def test_configuration_mistakes_fail_fast_with_one_line(data, tmp_path, single_p
         ("pretrain", pretrain_args(data, tmp_path / "p", "--batch-size", "0"), "--batch-size 0: must be positive"),
         ("pretrain", pretrain_args(data, other_world, "--resume"), "written by 2 processes, this run has 1"),
         ("pretrain", pretrain_args(data, hostile, "--resume"), "no usable checkpoint"),
+        ("pretrain", pretrain_args(data, broken_info, "--resume"), f"{broken_info / 'run.json'}: not a JSON object"),
         ("pretrain", pretrain_args({"seg": tampered}, tmp_path / "p"),
          f"--seg {shard}: sha256 differs from the manifest"),
         ("pretrain", pretrain_args(data, planted), f"{planted}/checkpoints/latest is a symbolic link"),
@@ -165,12 +169,17 @@ def test_resume_passes_over_a_truncated_newest_checkpoint(data, tmp_path, single
     assert not list(checkpoints.rglob("*.py"))  # no DeepSpeed recovery script that unpickles freely
     newest = checkpoints / "step00000004" / "mp_rank_00_model_states.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    (checkpoints / "step_notes").mkdir()  # the user's: pruning old checkpoints must leave it
+    with open(out / "loss.csv", "a") as log:
+        log.write("a line someone typed\n")
     with pytest.warns(UserWarning, match="passing over an unusable checkpoint: .*step00000004"):
         code, err = run_main("pretrain", pretrain_args(data, out, "--steps", "6", "--save-every", "2", "--resume"),
                              capsys)
     assert code == 0, err
     steps = [int(line.split(",")[0]) for line in (out / "loss.csv").read_text().splitlines()[1:]]
     assert steps == [1, 2, 3, 4, 5, 6]  # steps 3 and 4 of the first run were logged again, once
+    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step00000004", "step00000006",
+                                                                           "step_notes"]
 
 
 def test_one_non_finite_step_is_skipped_and_a_run_of_them_stops(data, tmp_path, single_process, monkeypatch,

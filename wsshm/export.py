@@ -180,17 +180,21 @@ def main(argv=None) -> int:
         model = load_weights(args.weights, map_location="cpu").eval()
         calibration = calibration_inputs(args.calibration) if args.int8 else None
     except ValueError as error:
-        print(f"wsshm-export: {error}", file=sys.stderr)
+        print(f"wsshm-export: error: {error}", file=sys.stderr)
         return 2
-    if args.int8:
-        directory = os.path.dirname(os.path.abspath(args.onnx))
-        os.makedirs(directory, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=directory) as work:
-            fp32_path = os.path.join(work, "fp32.onnx")
-            export_onnx(model, fp32_path, with_boundary=args.with_boundary, opset=args.opset)
-            quantize_int8(fp32_path, args.onnx, calibration)
-    else:
-        export_onnx(model, args.onnx, with_boundary=args.with_boundary, fp16=args.fp16, opset=args.opset)
+    try:
+        if args.int8:
+            directory = os.path.dirname(os.path.abspath(args.onnx))
+            os.makedirs(directory, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=directory) as work:
+                fp32_path = os.path.join(work, "fp32.onnx")
+                export_onnx(model, fp32_path, with_boundary=args.with_boundary, opset=args.opset)
+                quantize_int8(fp32_path, args.onnx, calibration)
+        else:
+            export_onnx(model, args.onnx, with_boundary=args.with_boundary, fp16=args.fp16, opset=args.opset)
+    except OSError as error:  # a read-only or full disk, or a file where the folder should be
+        print(f"wsshm-export: error: {args.onnx}: cannot write ({error.strerror or error})", file=sys.stderr)
+        return 2
     precision = "int8" if args.int8 else "fp16" if args.fp16 else "fp32"
     print(f"wrote {args.onnx} ({os.path.getsize(args.onnx) / 2**20:.1f} MiB, {getattr(model, 'arch', '?')}, {precision})")
     if args.no_verify:

@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     try:
         model = load_weights(args.weights, map_location="cpu").to(device).eval()
     except ValueError as error:
-        print(f"wsshm-predict: {error}", file=sys.stderr)
+        print(f"wsshm-predict: error: {error}", file=sys.stderr)
         return 2
     # channels-last: the layout oneDNN (CPU) and tensor cores (GPU) convolve fastest
     model = model.to(memory_format=torch.channels_last)

@@ -5,6 +5,6 @@ from .layout import (KINDS, MEMBERS, ShardFolderError, check_folder, index_path,
 from .reader import CorruptSample, Sample, ShardSet, decode_sample, open_shard_set, read_samples
 from .verify import check_checksums, verify
 
-__all__ = ["KINDS", "MEMBERS", "CorruptSample", "Sample", "ShardFolderError", "ShardSet", "check_folder",
-           "decode_sample", "index_path", "index_paths", "open_shard_set", "read_manifest", "read_samples",
-           "select_subset", "shard_paths", "verify"]
+__all__ = ["KINDS", "MEMBERS", "CorruptSample", "Sample", "ShardFolderError", "ShardSet", "check_checksums",
+           "check_folder", "decode_sample", "index_path", "index_paths", "open_shard_set", "read_manifest",
+           "read_samples", "select_subset", "shard_paths", "verify"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 from collections import OrderedDict
 from pathlib import Path
@@ -52,13 +53,16 @@ class SafeCheckpointEngine(TorchCheckpointEngine):
                 raise ValueError(f"cannot load checkpoint file {path}: {error}") from error
 
 
+STEP_TAG = re.compile(r"step[0-9]{8}")  # the tags the trainer writes; other folders are the user's
+
+
 def latest_tag(checkpoint_dir: Path) -> str | None:
     """The tag DeepSpeed recorded in ``checkpoint_dir/latest``, if that tag's folder exists."""
     latest = Path(checkpoint_dir) / "latest"
     if not latest.is_file():
         return None
-    tag = latest.read_text().strip()
-    return tag if (Path(checkpoint_dir) / tag).is_dir() else None
+    tag = latest.read_text(errors="replace").strip()
+    return tag if STEP_TAG.fullmatch(tag) and (Path(checkpoint_dir) / tag).is_dir() else None
 
 
 def _loadable(tag_dir: Path) -> str | None:
@@ -84,7 +88,8 @@ def resume_tag(checkpoint_dir: Path) -> tuple[str | None, list[str]]:
     newer ones were passed over (a save killed half-way, a truncated or tampered file)."""
     checkpoint_dir = Path(checkpoint_dir)
     latest = latest_tag(checkpoint_dir)
-    tags = sorted((p.name for p in checkpoint_dir.glob("step*") if p.is_dir()), reverse=True)
+    tags = sorted((p.name for p in checkpoint_dir.glob("step*") if p.is_dir() and STEP_TAG.fullmatch(p.name)),
+                  reverse=True)
     if latest is not None:
         tags = [latest] + [t for t in tags if t < latest]
     skipped = []
@@ -113,14 +118,23 @@ def planted_links(out: Path) -> list[Path]:
 
 def prune_checkpoints(checkpoint_dir: Path, keep: int) -> None:
     """Delete all but the newest ``keep`` step checkpoints (tags sort by step)."""
-    tags = sorted(p for p in Path(checkpoint_dir).glob("step*") if p.is_dir())
+    tags = sorted(p for p in Path(checkpoint_dir).glob("step*") if p.is_dir() and STEP_TAG.fullmatch(p.name))
     for old in tags[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
 
 
 def read_run_info(out: Path) -> dict | None:
+    """``OUT/run.json``, None when there is none; ``ValueError`` naming it when it is not a JSON object."""
     path = Path(out) / "run.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: unreadable ({error})") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return info
 
 
 def write_run_info(out: Path, info: dict) -> None:

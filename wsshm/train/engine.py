@@ -91,7 +91,10 @@ class Trainer:
 
     def check_resume(self) -> None:
         """Which checkpoint ``--resume`` continues from, found before DeepSpeed opens any."""
-        info = read_run_info(self.out) or {}
+        try:
+            info = read_run_info(self.out) or {}
+        except ValueError as error:
+            raise ConfigError(f"--resume: {error}") from None
         if info.get("stage") not in (None, self.stage.name):
             raise ConfigError(f"--resume: {self.out} holds a '{info['stage']}' run, not '{self.stage.name}'")
         arch = getattr(self.stage.network(), "arch", None)

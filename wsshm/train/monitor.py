@@ -24,7 +24,7 @@ def _forget_rows_after(csv_path: Path, step: int) -> None:
     """Drop the rows of ``loss.csv`` logged after ``step`` (by a run that stopped after its last save)."""
     with open(csv_path, newline="") as handle:
         rows = list(csv.reader(handle))
-    kept = rows[:1] + [row for row in rows[1:] if row and int(row[0]) <= step]
+    kept = rows[:1] + [row for row in rows[1:] if row and row[0].isdigit() and int(row[0]) <= step]
     if len(kept) == len(rows):
         return
     with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as handle:
