@@ -146,11 +146,14 @@ run_step "make demo's pipeline (python -m wsshm.demo --scale 0.3)" 240 "$PY" -m 
 if ((DRY_RUN)); then
     run_step "bench/bench_loaders.py --quick" 90 "$PY" bench/bench_loaders.py --quick
     run_step "bench/bench_inference.py --quick" 240 "$PY" bench/bench_inference.py --quick
+    run_step "bench/bench_train.py --quick" 120 "$PY" bench/bench_train.py --quick
 else
     # the csrc op's GB/s at the goal's size (16 crops of 512), one short round of the loaders
     run_step "bench/bench_loaders.py (16 x 512, one round)" 120 "$PY" bench/bench_loaders.py --rounds 1 \
         --batches 4 --repeats 5
     run_step "bench/bench_inference_gpu.py --quick" 180 "$PY" bench/bench_inference_gpu.py --quick
+    # whole training steps against plain PyTorch (unet_r18_w0.5 and unet_r101, 512 crops, batch 16)
+    run_step "bench/bench_train.py (r18_w0.5 and r101, 16 x 512)" 240 "$PY" bench/bench_train.py --steps 6
 fi
 
 {

@@ -52,10 +52,12 @@ def test_ds_config_takes_batch_lr_schedule_and_precision_from_the_command_line()
     assert config["optimizer"]["type"] == "Adam" and config["optimizer"]["params"]["lr"] == 5e-5  # paper
     assert config["scheduler"]["params"]["total_num_steps"] == 300
     assert config["scheduler"]["params"]["warmup_num_steps"] == 30
-    assert config["zero_optimization"]["stage"] == 3 and config["bf16"] == {"enabled": True}
-    # CUDA's BatchNorm needs its statistics in the weights' dtype (DeepSpeed casts only parameters)
-    assert config["data_types"]["buffer_dtype"] == "bf16"
-    assert "data_types" not in load_ds_config(args, world_size=4, use_bf16=False)
+    assert config["zero_optimization"]["stage"] == 3
+    # bf16 is autocast over fp32 parameters and BatchNorm statistics, not DeepSpeed's bf16 engine mode
+    assert config["bf16"] == {"enabled": False} and "data_types" not in config
+    assert config["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    fp32 = load_ds_config(args, world_size=4, use_bf16=False)
+    assert fp32["bf16"] == {"enabled": False} and "torch_autocast" not in fp32 and "data_types" not in fp32
     assert args.steps == 300 and build_parser("student").get_default("steps") == 20_000
     with pytest.raises(ConfigError, match="--batch-size 16 does not divide by the world size 3"):
         load_ds_config(args, world_size=3, use_bf16=False)
@@ -218,3 +220,20 @@ def test_student_of_another_architecture_trains_without_ema(data, tmp_path, sing
     assert not (tmp_path / "s" / "teacher-ema.safetensors").exists()
     info = (tmp_path / "s" / "run.json").read_text()
     assert '"ema": false' in info and '"teacher_arch": "unet_r18_w0.5"' in info
+
+
+def test_bf16_training_keeps_fp32_batchnorm_statistics(data, tmp_path, single_process, capsys):
+    """bf16 compute (autocast) must leave BatchNorm's running mean and variance in fp32: the eval-mode
+    network uses them everywhere, and bf16 holds ~3 significant digits (bench/bn_statistics.py)."""
+    from wsshm.models import read_weights
+    code, err = run_main("pretrain", pretrain_args(data, tmp_path / "bf16", "--steps", "3", "--precision", "bf16"),
+                         capsys)
+    assert code == 0, err
+    rows = (tmp_path / "bf16" / "loss.csv").read_text().splitlines()[1:]
+    assert len(rows) == 3 and all(math.isfinite(float(row.split(",")[1])) for row in rows)
+    saved = read_weights(tmp_path / "bf16" / "pretrain.safetensors")[0]
+    stats = {k: t for k, t in saved.items() if k.endswith(("running_mean", "running_var"))}
+    assert stats and all(t.dtype == torch.float32 for t in stats.values())
+    values = torch.cat([t.flatten() for t in stats.values()])
+    exact = (values.bfloat16().float() == values).float().mean().item()
+    assert exact < 0.1, f"{exact:.0%} of the statistics are bf16 values stored as fp32"

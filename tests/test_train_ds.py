@@ -187,8 +187,8 @@ def test_sigterm_to_a_single_process_run_with_workers_saves_and_exits_143(pipeli
 
 
 def test_bf16_training_saves_the_fp32_master_weights(pipeline, shared):
-    """Under bf16 the network's parameters are bf16 roundings of the optimizer's fp32 masters; the
-    saved weights must be the masters (collected from both ranks' ZeRO-3 partitions)."""
+    """bf16 is compute only (autocast): the saved weights must be the fp32 masters, collected from both
+    ranks' ZeRO-3 partitions, and BatchNorm's fp32 running statistics, not bf16 roundings of either."""
     root, data = pipeline
     with one_run_at_a_time(shared):
         finish(launch("pretrain", "--out", root / "pretrain-bf16", "--seg", data["seg"], "--steps", "3",
@@ -196,5 +196,5 @@ def test_bf16_training_saves_the_fp32_master_weights(pipeline, shared):
     saved = weights(root / "pretrain-bf16" / "pretrain.safetensors")
     floats = {k: t for k, t in saved.items() if t.is_floating_point()}
     assert floats and all(t.dtype == torch.float32 for t in floats.values())
-    rounded = [k for k, t in floats.items() if "running" not in k and torch.equal(t.bfloat16().float(), t)]
+    rounded = [k for k, t in floats.items() if torch.equal(t.bfloat16().float(), t)]
     assert len(rounded) < len(floats) // 10, rounded[:5]  # not bf16 values stored as fp32

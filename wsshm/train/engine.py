@@ -64,7 +64,9 @@ class Trainer:
         self.on_gpu = get_accelerator().device_name() == "cuda" and torch.cuda.is_available()
         self.device = torch.device(get_accelerator().device_name(self.local_rank) if self.on_gpu else "cpu")
         self.use_bf16 = args.precision == "bf16" or (args.precision == "auto" and self.on_gpu)
-        self.dtype = torch.bfloat16 if self.use_bf16 else torch.float32
+        # bf16 is autocast: fp32 parameters, statistics and inputs; DeepSpeed autocasts the trained
+        # network's forward, the stage the rest (the student stage's frozen teacher).
+        self.stage.autocast_dtype = torch.bfloat16 if self.use_bf16 else None
         self.stop_requested = False
         self.bad_in_a_row = 0
         self.resume_from: str | None = None  # the checkpoint tag --resume continues from
@@ -133,7 +135,7 @@ class Trainer:
         from wsshm.data import build_loader
         torch.manual_seed(self.args.seed)
         net = self.stage.network()
-        self.stage.prepare(self.device, self.dtype, net)
+        self.stage.prepare(self.device, net)
         view = TrainingView(net)
         self.engine, _, _, _ = deepspeed.initialize(model=view, model_parameters=view.parameters(),
                                                     config=ds_config)
@@ -182,27 +184,16 @@ class Trainer:
         self.stage.load_extra_state(client_state)
 
     def export(self) -> None:
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        from wsshm.models import build_model, save_weights
+        from wsshm.models import save_weights
         net = self.engine.module.net
-        # bf16 training: save the optimizer's fp32 master weights, not their bf16 rounding (every
-        # rank takes part: the masters are partitioned under ZeRO).
-        masters = {name: safe_get_full_fp32_param(p) for name, p in net.named_parameters()} \
-            if self.use_bf16 else {}
+        # The parameters are the fp32 masters, under bf16 too (autocast; wsshm.train.options).
         params = list(net.parameters())
         gather = (deepspeed.zero.GatheredParameters(params, modifier_rank=None)
                   if self.engine.zero_optimization_stage() == 3 else contextlib.nullcontext())
         with gather:
             if self.rank == 0:
                 meta = {"stage": self.stage.name, "steps": str(self.engine.global_steps)}
-                weights = net
-                if masters:
-                    state = {name: t.detach().float().cpu() for name, t in net.state_dict().items()}
-                    state.update({name: t.detach().float().cpu() for name, t in masters.items() if t is not None})
-                    weights = build_model(net.arch, **(getattr(net, "arch_kwargs", None) or {}))
-                    weights.load_state_dict(state)
-                save_weights(weights, self.out / STAGE_DEFAULTS[self.stage.name].weights_name, metadata=meta)
+                save_weights(net, self.out / STAGE_DEFAULTS[self.stage.name].weights_name, metadata=meta)
                 for name, extra in self.stage.exports().items():
                     save_weights(extra, self.out / name, metadata=meta)
         dist.barrier()
@@ -260,7 +251,7 @@ class Trainer:
                 self.engine.train()
                 batch = next(self.loader)
                 lr = self.engine.get_lr()[0]
-                out = self.stage.step(self.engine, batch, self.dtype)
+                out = self.stage.step(self.engine, batch)
                 loss, bad = self.agree_loss(out.loss)
                 if bad:
                     self.bad_in_a_row += 1

@@ -144,12 +144,17 @@ def load_ds_config(args, world_size: int, use_bf16: bool) -> dict:
         params["warmup_num_steps"] = warmup_steps(args)
     if args.zero_stage is not None:
         config.setdefault("zero_optimization", {})["stage"] = args.zero_stage
-    config["bf16"] = {"enabled": bool(use_bf16)}
+    # bf16 is torch.autocast, not DeepSpeed's bf16 engine mode: the parameters (and the optimizer's
+    # masters) stay fp32, convolutions run in bf16, and BatchNorm keeps fp32 running statistics, which
+    # the eval-mode network uses everywhere (bench/bn_statistics.py). The engine mode casts the whole
+    # network to bf16, and CUDA's BatchNorm then wants bf16 statistics too (~3 significant digits).
+    # DeepSpeed supports autocast under ZeRO 0-3; bf16 needs no loss scaler. No module is listed as
+    # "lower precision safe", so ZeRO communicates gradients and (ZeRO-3) gathers parameters in fp32
+    # as in fp32 training: the networks are small, and the EMA and the export then see exact weights.
+    config["bf16"] = {"enabled": False}
+    config.pop("torch_autocast", None)
     if use_bf16:
-        # DeepSpeed casts only the parameters to bf16 and leaves buffers fp32; CUDA's BatchNorm then
-        # refuses bf16 weights with fp32 running statistics (seen on an H200). bf16 buffers are what
-        # module.bfloat16() gives, and what the student stage's frozen teacher already runs with.
-        config.setdefault("data_types", {}).setdefault("buffer_dtype", "bf16")
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     config.pop("fp16", None)
     config.setdefault("steps_per_print", 10**9)  # our own progress bar reports
     return config

@@ -7,6 +7,7 @@ log, and what extra state (the EMA teacher) a checkpoint must carry. The losses 
 from __future__ import annotations
 
 import abc
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,6 +89,9 @@ class StepOutput:
 
 class Stage(abc.ABC):
     name = ""  # also the loader form (wsshm.data) and the launch script's stage
+    # bf16 under --precision bf16 (set by the trainer): DeepSpeed autocasts the trained network's
+    # forward; a stage autocasts its other networks with ``self.autocast`` (None: fp32)
+    autocast_dtype: torch.dtype | None = None
 
     def __init__(self, args):
         self.args = args
@@ -125,12 +129,18 @@ class Stage(abc.ABC):
     def loader_kwargs(self) -> dict:
         """Which shard folders and options ``build_loader`` gets for this stage."""
 
-    def prepare(self, device: torch.device, dtype: torch.dtype, trained: nn.Module) -> None:
+    def autocast(self, device: torch.device):
+        """The training precision for a forward outside the DeepSpeed engine."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.autocast_dtype)
+
+    def prepare(self, device: torch.device, trained: nn.Module) -> None:
         """Build what the stage needs beside the trained network (the frozen teacher)."""
 
     @abc.abstractmethod
-    def step(self, engine, batch: dict, dtype: torch.dtype) -> StepOutput:
-        """Forward and loss of one batch."""
+    def step(self, engine, batch: dict) -> StepOutput:
+        """Forward and loss of one batch (fp32 inputs; the engine autocasts under bf16)."""
 
     def after_step(self, engine) -> None:
         """Runs after each optimizer step (EMA)."""
@@ -187,8 +197,8 @@ class PretrainStage(Stage):
     def loader_kwargs(self) -> dict:
         return {"seg": self.args.seg, "num_samples": self.args.num_seg}
 
-    def step(self, engine, batch, dtype):
-        matte, _ = engine(batch["image"].to(dtype))
+    def step(self, engine, batch):
+        matte, _ = engine(batch["image"])
         P = probabilities(matte, engine.module.from_logits)
         return StepOutput(losses.pretrain_loss(P, batch["mask"]),
                           {"image": batch["image"], "mask": batch["mask"], "pred": P.detach()})
@@ -213,8 +223,8 @@ class TeacherStage(Stage):
         return {"matte": self.args.matte, "background": self.args.background,
                 "num_samples": self.args.num_matte}
 
-    def step(self, engine, batch, dtype):
-        matte, boundary = engine(batch["image"].to(dtype))
+    def step(self, engine, batch):
+        matte, boundary = engine(batch["image"])
         if boundary is None:
             raise ValueError("the teacher must return (matte, boundary)")
         from_logits = engine.module.from_logits
@@ -269,7 +279,7 @@ class StudentStage(Stage):
             self.teacher = load_weights_checked(self.args.teacher, "--teacher")
         return self.teacher
 
-    def prepare(self, device, dtype, trained):
+    def prepare(self, device, trained):
         teacher = self.frozen_teacher().to(device)
         teacher.eval().requires_grad_(False)
         same = getattr(teacher, "arch", None) == getattr(trained, "arch", None)
@@ -282,14 +292,14 @@ class StudentStage(Stage):
             from wsshm.ema import ModelEMA
             # A boundary head the student does not train must not be averaged into the teacher's.
             keep = (BOUNDARY_HEAD,) if self.args.ema_scope == "trained" and not self.trains_boundary else ()
-            self.ema = ModelEMA(teacher, momentum=self.args.ema_momentum, keep=keep)  # fp32 master before any cast
-        self.teacher = teacher.to(dtype)
+            self.ema = ModelEMA(teacher, momentum=self.args.ema_momentum, keep=keep)
+        self.teacher = teacher  # fp32 like the trained network; bf16 compute through self.autocast
 
-    def step(self, engine, batch, dtype):
-        with torch.no_grad():
-            Mt, At = forward_maps(self.teacher, batch["weak"].to(dtype))
+    def step(self, engine, batch):
+        with torch.no_grad(), self.autocast(batch["weak"].device):
+            Mt, At = forward_maps(self.teacher, batch["weak"])
         seen = batch["strong"] if self.args.strong_view == "on" else batch["weak"]
-        matte, boundary = engine(seen.to(dtype))
+        matte, boundary = engine(seen)
         from_logits = engine.module.from_logits
         trained_boundary = boundary if self.trains_boundary else None
         loss = fused_student_loss(matte, Mt, At, batch["mask"], threshold=self.threshold, from_logits=from_logits,
