@@ -113,21 +113,14 @@ def run_wsshm(stage_name: str, argv: list[str], args, device) -> tuple[float, fl
     trainer = Trainer(stage, stage.args)
     with PeakMemory(device) as peak:
         trainer.setup(trainer.checked_config())
-        engine = trainer.engine
 
         def step():  # Trainer.train's loop body, less the monitor, the images and the checkpoints
             trainer.agree_stop()
-            engine.train()
-            out = stage.step(engine, next(trainer.loader))
-            trainer.agree_loss(out.loss)
-            engine.backward(out.loss)
-            engine.step()
-            trainer.average_buffers()
-            stage.after_step(engine)
+            trainer.step()
 
         rate = images_per_s(step, args.batch, args.warmup, args.steps, device)
         trainer.loader.close()
-    del engine, trainer.engine, step
+    del trainer.engine, step
     # The loader alone, as Trainer.setup builds it.
     loader = build_loader(stage_name, **stage.loader_kwargs(), batch_size=args.batch, crop_sizes=(args.crop,),
                           device=str(trainer.device), num_workers=args.workers, seed=stage.args.seed)

@@ -67,6 +67,9 @@ class Trainer:
         # bf16 is autocast: fp32 parameters, statistics and inputs; DeepSpeed autocasts the trained
         # network's forward, the stage the rest (the student stage's frozen teacher).
         self.stage.autocast_dtype = torch.bfloat16 if self.use_bf16 else None
+        if self.on_gpu:
+            # one cuDNN algorithm search per crop size (at most nine), then the fastest for each
+            torch.backends.cudnn.benchmark = True
         self.stop_requested = False
         self.bad_in_a_row = 0
         self.resume_from: str | None = None  # the checkpoint tag --resume continues from
@@ -153,6 +156,9 @@ class Trainer:
         elif self.rank == 0:
             write_run_info(self.out, {**self.stage.run_info(net), "world_size": self.world,
                                       "batch_size": self.args.batch_size, "steps": self.args.steps})
+        # The stop flag travels over gloo between the ranks' CPUs: asking it every step then never
+        # waits for the GPU's queue of work, as an all-reduce of a CUDA tensor read back would.
+        self.control_group = dist.new_group(backend="gloo")
         signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, signum, frame) -> None:
@@ -220,8 +226,8 @@ class Trainer:
     def agree_stop(self) -> bool:
         """All ranks: did any rank get SIGTERM? Asked before the next batch is fetched, because a
         signal sent to the whole process group may also have ended the loader's workers."""
-        flag = torch.tensor([float(self.stop_requested)], device=self.device)
-        dist.all_reduce(flag)
+        flag = torch.tensor([float(self.stop_requested)])
+        dist.all_reduce(flag, group=self.control_group)
         return flag.item() > 0
 
     def agree_loss(self, loss: torch.Tensor) -> tuple[float, bool]:
@@ -232,6 +238,23 @@ class Trainer:
         dist.all_reduce(flags)
         total, bad = flags.tolist()
         return total / self.world, bad > 0
+
+    def step(self):
+        """One training step on the next batch: ``(StepOutput, mean loss, non-finite)``. A step whose
+        loss is non-finite on any rank is not taken (no backward, no update)."""
+        self.engine.train()
+        batch = next(self.loader)
+        if self.on_gpu:  # cuDNN's NHWC kernels (tensor cores); the weights may stay NCHW
+            batch = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v
+                     for k, v in batch.items()}
+        out = self.stage.step(self.engine, batch)
+        loss, bad = self.agree_loss(out.loss)
+        if not bad:
+            self.engine.backward(out.loss)
+            self.engine.step()
+            self.average_buffers()
+            self.stage.after_step(self.engine)
+        return out, loss, bad
 
     def train(self) -> int:
         monitor = Monitor(self.out / "tb", self.out / "loss.csv", enabled=self.rank == 0,
@@ -248,11 +271,8 @@ class Trainer:
                         print(f"wsshm {self.stage.name}: SIGTERM: saved step {step} in {self.ckpt_dir}; "
                               f"continue with --resume", file=sys.stderr, flush=True)
                     return EXIT_TERMINATED
-                self.engine.train()
-                batch = next(self.loader)
                 lr = self.engine.get_lr()[0]
-                out = self.stage.step(self.engine, batch)
-                loss, bad = self.agree_loss(out.loss)
+                out, loss, bad = self.step()
                 if bad:
                     self.bad_in_a_row += 1
                     if self.rank == 0:
@@ -267,10 +287,6 @@ class Trainer:
                         return EXIT_NON_FINITE
                     continue
                 self.bad_in_a_row = 0
-                self.engine.backward(out.loss)
-                self.engine.step()
-                self.average_buffers()
-                self.stage.after_step(self.engine)
                 step = self.engine.global_steps
                 now = time.perf_counter()
                 images_per_s = self.args.batch_size / max(now - tick, 1e-9)
