@@ -6,7 +6,6 @@ uninterrupted one. All in one xdist group, and a file lock besides (xdist 3.8 he
 worker), so that two multi-process runs never share the 2 cores.
 """
 import contextlib
-import fcntl
 import os
 import signal
 import subprocess
@@ -27,17 +26,6 @@ ARCH = "unet_r18_w0.25"
 COMMON = ["--arch", ARCH, "--crop-sizes", "32", "--batch-size", "4", "--num-workers", "0", "--log-every", "1",
           "--image-every", "2"]
 TIMEOUT = 300
-
-
-@contextlib.contextmanager
-def one_run_at_a_time(shared: Path):
-    """Serialise the multi-process runs even when xdist puts these tests on different workers."""
-    with open(shared / "ds.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def launch(stage: str, *args, zero: int) -> subprocess.Popen:
@@ -66,19 +54,10 @@ def assert_same(a: dict, b: dict, atol: float = 0.0):
 
 
 @pytest.fixture(scope="session")
-def shared(tmp_path_factory) -> Path:
-    """A folder all xdist workers of this run share (the xdist recipe for once-per-run fixtures)."""
-    base = tmp_path_factory.getbasetemp()
-    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "train-ds"
-    root.mkdir(exist_ok=True)
-    return root
-
-
-@pytest.fixture(scope="session")
-def pipeline(shared):
+def pipeline(shared, one_run_at_a_time):
     """Stage 0 (ZeRO-2) and stage 1 (ZeRO-3) once per test run, whichever worker asks first."""
     root = shared
-    with one_run_at_a_time(shared):
+    with one_run_at_a_time():
         if not (root / "teacher" / "teacher.safetensors").exists():
             from wsshm.shards.demo_data import generate
             generate(root / "data", size=64, mattes=6, backgrounds=4, seg=12, eval_natural=1, eval_synthetic=1)
@@ -116,9 +95,9 @@ def distance(a: dict, b: dict) -> float:
     return float(sum(((a[k].float() - b[k].float()) ** 2).sum() for k in a if a[k].is_floating_point()) ** 0.5)
 
 
-def test_student_with_ema_is_the_same_under_zero1_and_zero3(pipeline):
+def test_student_with_ema_is_the_same_under_zero1_and_zero3(pipeline, one_run_at_a_time):
     root, data = pipeline
-    with one_run_at_a_time(root):
+    with one_run_at_a_time():
         if not (root / "student-z1" / "student.safetensors").exists():
             finish(student(root, data, "student-z1", 1))
         finish(student(root, data, "student-z3", 3))
@@ -136,10 +115,10 @@ def test_student_with_ema_is_the_same_under_zero1_and_zero3(pipeline):
     assert losses[0] == pytest.approx(losses[1], rel=2e-3)
 
 
-def test_resume_after_sigterm_gives_the_uninterrupted_weights(pipeline):
+def test_resume_after_sigterm_gives_the_uninterrupted_weights(pipeline, one_run_at_a_time):
     root, data = pipeline
     reference = root / "student-z1"
-    with one_run_at_a_time(root):
+    with one_run_at_a_time():
         if not (reference / "student.safetensors").exists():
             finish(student(root, data, "student-z1", 1))
         # with a loader worker, which the scheduler's signal to the process group reaches too
@@ -163,13 +142,13 @@ def read_lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
-def test_sigterm_to_a_single_process_run_with_workers_saves_and_exits_143(pipeline, tmp_path):
+def test_sigterm_to_a_single_process_run_with_workers_saves_and_exits_143(pipeline, tmp_path, one_run_at_a_time):
     root, data = pipeline
     out = tmp_path / "cut"
     cmd = [sys.executable, str(ROOT / "launch" / LAUNCH_SCRIPTS["pretrain"]), *COMMON, "--num-workers", "2",
            "--out", str(out), "--seg", str(data["seg"]), "--steps", "100000", "--save-every", "0"]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
-    with one_run_at_a_time(root):
+    with one_run_at_a_time():
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
         deadline = time.monotonic() + TIMEOUT
@@ -186,11 +165,11 @@ def test_sigterm_to_a_single_process_run_with_workers_saves_and_exits_143(pipeli
     assert (out / "checkpoints" / "latest").read_text().strip() >= "step00000002"
 
 
-def test_bf16_training_saves_the_fp32_master_weights(pipeline, shared):
+def test_bf16_training_saves_the_fp32_master_weights(pipeline, shared, one_run_at_a_time):
     """bf16 is compute only (autocast): the saved weights must be the fp32 masters, collected from both
     ranks' ZeRO-3 partitions, and BatchNorm's fp32 running statistics, not bf16 roundings of either."""
     root, data = pipeline
-    with one_run_at_a_time(shared):
+    with one_run_at_a_time():
         finish(launch("pretrain", "--out", root / "pretrain-bf16", "--seg", data["seg"], "--steps", "3",
                       "--save-every", "0", "--precision", "bf16", zero=3))
     saved = weights(root / "pretrain-bf16" / "pretrain.safetensors")
