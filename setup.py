@@ -50,6 +50,8 @@ setup(
             "wsshm-eval=wsshm.evaluate:main",
             "wsshm-predict=wsshm.predict:main",
             "wsshm-export=wsshm.export:main",
+            "wsshm-pseudo-label=wsshm.pseudo_label:main",
+            "wsshm-sweep=wsshm.sweep.cli:main",
         ]
     },
 )
