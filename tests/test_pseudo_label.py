@@ -95,7 +95,9 @@ def test_masks_are_the_thresholded_predictions(pool, labelled):
         scores = pseudo["samples"][key]
         far = np.mean((matte < 0.25) | (matte > 0.75))
         assert scores["confidence"] == scores["certainty"] == pytest.approx(far, abs=1e-5)
-        assert json.loads(found[key].read("json"))["source"].endswith((".jpg", ".png"))
+        meta = json.loads(found[key].read("json"))
+        assert meta["source"].endswith((".jpg", ".png"))
+        assert meta["pseudo_label"] == scores  # each sample carries its own scores
 
 
 def test_bad_image_is_named_and_the_run_succeeds(pool, labelled):

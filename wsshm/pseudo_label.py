@@ -18,9 +18,9 @@ Confidence of a sample (a number in [0, 1], higher is surer):
   ``--min-confidence C`` only when both are at least ``C``.
 
 Samples under ``--min-confidence`` are not written to the shards; they are listed with their scores.
-The converter's per-sample ``json`` member holds only ``source``, ``width`` and ``height`` (it takes no
-extra fields), so the scores live in ``pseudo.json`` beside ``manifest.json``, keyed by sample key:
-``samples`` (kept) and ``dropped``, plus the settings and counts. The manifest's ``source`` records the
+Each kept sample's ``json`` member holds its scores under ``pseudo_label``; ``pseudo.json`` beside
+``manifest.json`` holds them all, keyed by sample key: ``samples`` (kept) and ``dropped``, plus the
+settings and counts. The manifest's ``source`` records the
 images folder and the settings (weights file name and sha256, threshold, TTA, filter), so a rerun with
 other settings is refused as "a different conversion" unless ``--overwrite``.
 
@@ -318,6 +318,8 @@ def main(argv=None) -> int:
     scan.errors = [e for e in scan.errors if e["path"] not in unreadable]
     scan.errors += [{"path": path, "reason": reason} for path, reason in unreadable.items()]
     scan.samples = [s for s in scan.samples if s.key in kept]
+    for spec in scan.samples:
+        spec.meta = {"pseudo_label": kept[spec.key]}  # each sample carries its own scores
     try:
         previous = _read_json(out / PSEUDO)
         if os.path.lexists(out / PSEUDO) and (args.overwrite or not isinstance(previous, dict)

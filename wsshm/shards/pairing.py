@@ -20,6 +20,7 @@ class SampleSpec:
     key: str
     source: str  # path of the image relative to its input root
     paths: dict  # role ("image", "alpha", "mask", "trimap", "rgba") -> absolute path
+    meta: dict = field(default_factory=dict)  # extra fields of the sample's json (pseudo labels' scores)
 
 
 @dataclass
@@ -133,7 +134,7 @@ def build_sample(kind: str, spec: SampleSpec, max_pixels: int):
     members[MEMBERS[kind].image_member(image.ext)] = image.data
     for role, member in labels.items():
         members[f"{role}.png"] = member.data
-    meta = {"source": spec.source, "width": image.width, "height": image.height}
+    meta = {**spec.meta, "source": spec.source, "width": image.width, "height": image.height}
     members[META_MEMBER] = json.dumps(meta).encode()
     reasons = [m.normalised for m in [image, *labels.values()] if m.normalised]
     return members, sorted(set(reasons)), None
