@@ -199,3 +199,34 @@ def test_a_2x2_sweep_over_two_shards_reports_blanks_then_resumes(data, tmp_path,
         assert again.count(" reused (") == 3 and (student / "student.safetensors").is_file()
         assert metrics.stat().st_mtime > before  # the new weights were scored again
         assert not list(out.rglob("*.tmp"))  # nothing half-written left
+
+
+@pytest.mark.xdist_group("ds")
+def test_sigterm_to_the_sweeps_group_lets_the_stage_save_and_stops_with_143(data, tmp_path, one_run_at_a_time):
+    """A scheduler's SIGTERM reaches the sweep and its running stage: the sweep must keep reading the
+    stage's output until it has saved (a closed pipe would break it mid-save), then stop."""
+    import signal
+    import time
+    out = tmp_path / "sweep"
+    args = sweep_args(data, out, ("8",), ("0",))
+    args[args.index("--steps") + 1] = "100000"  # a stage that only the signal ends
+    with one_run_at_a_time():
+        proc = subprocess.Popen([sys.executable, "-m", "wsshm.sweep.cli", *args], cwd=ROOT,
+                                env={**os.environ, "DS_ACCELERATOR": "cpu"}, text=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        log = out / "stage0" / "seg8" / "loss.csv"
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline and not (
+                log.exists() and len(log.read_text().splitlines()) >= 3):
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            output, _ = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, output[-3000:]
+    assert "rerun the same command to resume" in output
+    stage_log = (out / "logs" / "seg8-matte0-pretrain.log").read_text()
+    assert "SIGTERM: saved step" in stage_log and "Traceback" not in stage_log, stage_log[-3000:]
+    assert (out / "stage0" / "seg8" / "checkpoints" / "latest").is_file()

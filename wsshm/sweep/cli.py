@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import re
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -141,6 +142,7 @@ class Context:
         self.processes = args.processes
         self.eval_sets = options["eval"]
         self.short_side = options["short_side"] or SHORT_SIDE
+        self.stop_requested = False  # set on SIGTERM: no further stage starts
         self.wait_minutes = args.wait_minutes
         self.options = options
 
@@ -162,13 +164,30 @@ def run(args, train_args: list[str]) -> int:
     record_options(out, options)
     data = {key: options[key] for key in ("seg", "matte", "background")}
     all_jobs = plan_jobs(out, data, options["num_seg"], options["num_matte"])
+    from wsshm.train.launch import StepFailed
+    ctx = Context(out, options, args)
+
+    def stop(signum, frame):
+        # A scheduler's SIGTERM reaches the running stage too (same process group). Keep reading its
+        # output until it has saved and exited (closing the pipe would break it mid-save), then stop.
+        ctx.stop_requested = True
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
-        run_jobs(shard_jobs(all_jobs, *shard), all_jobs, shard, Context(out, options, args))
+        run_jobs(shard_jobs(all_jobs, *shard), all_jobs, shard, ctx)
     except WaitTimeout as error:
         print(f"wsshm-sweep: error: {error}", file=sys.stderr)
         return 3
+    except StepFailed:
+        if not ctx.stop_requested:
+            raise
     finally:
+        signal.signal(signal.SIGTERM, previous)
         write_report(out)  # whatever is done so far, also after a failed stage
+    if ctx.stop_requested:
+        print("wsshm-sweep: SIGTERM: stopped after the running stage saved; rerun the same command to resume",
+              file=sys.stderr, flush=True)
+        return 143
     return 0
 
 

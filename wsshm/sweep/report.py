@@ -39,7 +39,7 @@ def collect(out: Path, sweep: dict) -> list[dict]:
                 path = out / "eval" / cell_name(seg, matte) / name / "metrics.json"
                 try:
                     metrics[name] = json.loads(path.read_text())["mean"]
-                except (OSError, ValueError, KeyError):
+                except (OSError, ValueError, KeyError, TypeError):
                     metrics[name] = None  # not done yet (or being written by another shard)
             cells.append({"seg": seg, "matte": matte, "model": model_kind(seg, matte),
                           "done": all(m is not None for m in metrics.values()), "metrics": metrics})

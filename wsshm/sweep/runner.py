@@ -117,10 +117,14 @@ def run_jobs(jobs: list[Job], all_jobs: list[Job], shard: tuple[int, int], ctx) 
     progress = Progress(jobs, len(ctx.eval_sets), steps)
     say(f"shard {k}/{n}: {len(jobs)} of {len(all_jobs)} job(s); {progress.estimate()}")
     for job in jobs:
+        if ctx.stop_requested:
+            return
         if job.needs_job is not None:
             needed = all_jobs[job.needs_job]
             wait_for(needed.stages[0].weights, job, shard_of(needed.index, n), n, ctx.wait_minutes)
         for stage in job.stages:
+            if ctx.stop_requested:
+                return
             run_stage(stage, job, ctx, progress)
         if job.evaluate:
             for name, folder in ctx.eval_sets.items():
