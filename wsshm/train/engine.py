@@ -303,10 +303,12 @@ class Trainer:
                 self.save()
             self.export()
         finally:
-            monitor.close()
-            # Before the interpreter exits: its atexit hook stops leftover workers with SIGTERM, which
-            # they ignore (see the torch loader), and would wait for them forever.
-            self.loader.close()
+            try:
+                monitor.close()
+            finally:
+                # Before the interpreter exits: its atexit hook stops leftover workers with SIGTERM,
+                # which they ignore (see the torch loader), and would wait for them forever.
+                self.loader.close()
         return 0
 
 

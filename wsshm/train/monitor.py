@@ -42,7 +42,8 @@ class Monitor:
         resumed = initial > 0 and csv_path.exists()
         if resumed:
             _forget_rows_after(csv_path, initial)  # the resumed run logs those steps again
-        self.need_header = not resumed  # written with the first row, which names the terms
+        # written with the first row, which names the terms (a run stopped before its first row left none)
+        self.need_header = not resumed or csv_path.stat().st_size == 0
         self.csv_file = open_no_follow(csv_path, "a" if resumed else "w", newline="")
         self.csv = csv.writer(self.csv_file)
         self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, mininterval=1.0)

@@ -43,6 +43,7 @@ def build_parser(stage: str, default_config: str | None = None) -> argparse.Argu
     """The stage's command line; ``default_config`` replaces ``DEFAULT_DS_CONFIG``."""
     defaults = STAGE_DEFAULTS[stage]
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,  # an abbreviation must not slip past the options wsshm-sweep sets itself
         prog=f"deepspeed launch/{LAUNCH_SCRIPTS[stage]}",
         description=f"wsshm stage '{stage}' (paper defaults: lr {defaults.lr:g}, {defaults.steps} steps)")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
