@@ -6,6 +6,7 @@ number and every picture comes from the same resizing.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 from collections.abc import Sequence
@@ -55,6 +56,35 @@ def network_input(image: np.ndarray, short_side: int = SHORT_SIDE,
 def default_device(name: str | None = None) -> torch.device:
     """``name`` (e.g. a ``--device`` option) or, when it is ``None``, CUDA when available, else the CPU."""
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+# --precision of the command-line tools that run a network on photos: the autocast dtype (None: fp32)
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_runtime_options(parser: argparse.ArgumentParser) -> None:
+    """``--device``, ``--batch-size``, ``--precision``, ``--short-side`` of ``wsshm-predict`` and
+    ``wsshm-pseudo-label``; :func:`runtime` resolves their defaults."""
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--batch-size", type=_positive, default=None, help="default: 16 on GPU, 1 on CPU")
+    parser.add_argument("--precision", choices=sorted(PRECISIONS), default=None,
+                        help="network compute precision; default fp16 on GPU, fp32 on CPU")
+    parser.add_argument("--short-side", type=_positive, default=SHORT_SIDE,
+                        help=f"test-time shorter side (SPEC: {SHORT_SIDE})")
+
+
+def runtime(args) -> tuple[torch.device, int, str]:
+    """``(device, batch size, precision name)`` from :func:`add_runtime_options`' options."""
+    device = default_device(args.device)
+    on_gpu = device.type == "cuda"
+    return device, args.batch_size or (16 if on_gpu else 1), args.precision or ("fp16" if on_gpu else "fp32")
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -24,10 +24,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from wsshm.image import IMAGE_SUFFIXES, read_image, write_png
-from wsshm.inference import SHORT_SIDE, default_device, predict_mattes
+from wsshm.inference import PRECISIONS, add_runtime_options, predict_mattes, runtime
 from wsshm.models import load_weights
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_colour(text: str) -> tuple[int, int, int]:
@@ -102,20 +101,11 @@ def main(argv=None) -> int:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--composite", type=parse_colour, metavar="'#rrggbb'", help="composite on this colour")
     group.add_argument("--background", help="composite on this image (resized to each photo)")
-    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: 16 on GPU, 1 on CPU")
-    parser.add_argument("--precision", choices=sorted(PRECISIONS), default=None,
-                        help="network compute precision; default fp16 on GPU, fp32 on CPU")
-    parser.add_argument("--short-side", type=int, default=SHORT_SIDE,
-                        help=f"test-time shorter side (SPEC: {SHORT_SIDE})")
+    add_runtime_options(parser)
     args = parser.parse_args(argv)
 
-    if args.batch_size is not None and args.batch_size < 1:
-        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
-    device = default_device(args.device)
-    on_gpu = device.type == "cuda"
-    batch_size = args.batch_size or (16 if on_gpu else 1)
-    precision = PRECISIONS[args.precision or ("fp16" if on_gpu else "fp32")]
+    device, batch_size, precision_name = runtime(args)
+    precision = PRECISIONS[precision_name]
     background = None
     if args.background:
         try:

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from wsshm.atomic import write_json
 from wsshm.image import read_image, write_png
-from wsshm.inference import SHORT_SIDE, default_device, predict_mattes
+from wsshm.inference import PRECISIONS, SHORT_SIDE, add_runtime_options, predict_mattes, runtime
 from wsshm.models import load_weights
 from wsshm.shards.layout import ERRORS, MANIFEST
 from wsshm.shards.pairing import pair_folders
@@ -58,7 +58,6 @@ FORMAT = "wsshm-pseudo-label 1"
 CONFIDENCE_RULE = ("certainty = share of pixels below threshold/2 or above (1+threshold)/2; with --tta flip, "
                    "agreement = IoU of the masks of the image and of its flipped image flipped back, the matte "
                    "binarised = their mean, confidence = min(certainty, agreement); else confidence = certainty")
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 NAME = "seg"  # shard name prefix, as wsshm-shard seg
 
 
@@ -107,12 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="drop samples whose confidence is under C (they are listed in pseudo.json)")
     parser.add_argument("--tta", choices=("none", "flip"), default="none",
                         help="flip: average with the mirrored prediction and score their agreement")
-    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--batch-size", type=_positive, default=None, help="default: 16 on GPU, 1 on CPU")
-    parser.add_argument("--precision", choices=sorted(PRECISIONS), default=None,
-                        help="network compute precision; default fp16 on GPU, fp32 on CPU")
-    parser.add_argument("--short-side", type=_positive, default=SHORT_SIDE,
-                        help=f"test-time shorter side (SPEC: {SHORT_SIDE})")
+    add_runtime_options(parser)
     parser.add_argument("--workers", type=_positive, default=max(1, min(8, os.cpu_count() or 1)),
                         help="decoding processes of the shard conversion (default: CPU count, at most 8)")
     parser.add_argument("--overwrite", action="store_true", help="replace a folder that holds another conversion")
@@ -248,10 +242,7 @@ def main(argv=None) -> int:
         return _fail(f"{weights}: no such weights file")
     if not images.is_dir():
         return _fail(f"{images}: images folder not found")
-    device = default_device(args.device)
-    on_gpu = device.type == "cuda"
-    batch_size = args.batch_size or (16 if on_gpu else 1)
-    precision = args.precision or ("fp16" if on_gpu else "fp32")
+    device, batch_size, precision = runtime(args)
     try:
         model = load_weights(weights, map_location="cpu").to(device).eval()
     except ValueError as error:

@@ -64,22 +64,6 @@ def build_network(args) -> nn.Module:
     return build_model(arch)
 
 
-def check_shard_folder(folder: str, option: str, kind: str, num_samples: int | None = None, *,
-                       checksums: bool = True) -> None:
-    """``wsshm.shards.check_folder`` with its error as a one-line ``ConfigError`` naming the option;
-    with ``checksums``, every shard's sha256 against the manifest too (one read of the data)."""
-    from wsshm.shards import ShardFolderError, check_checksums, check_folder
-    try:
-        check_folder(folder, kind, num_samples)
-    except ShardFolderError as error:
-        raise ConfigError(f"{option} {error}") from None
-    problems = check_checksums(folder) if checksums else []
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise ConfigError(f"{option} {problems[0]}{more}; convert the data again, or skip this check "
-                          f"with --check-shards off")
-
-
 # ----------------------------------------------------------------------------- stages
 @dataclass
 class StepOutput:
@@ -108,10 +92,23 @@ class Stage(abc.ABC):
             raise ConfigError(f"--steps {self.args.steps}: must be positive")
         self.network()
 
-    @property
-    def checksums(self) -> bool:
+    def check_shards(self, folder: str, option: str, kind: str, num_samples: int | None = None) -> None:
+        """The shard folder given as ``option`` as ``wsshm.shards.check_folder`` sees it and, under
+        ``--check-shards sha256``, every shard's sha256 against its manifest (one read of the data);
+        a problem is a one-line ``ConfigError`` naming the option."""
+        from wsshm.shards import ShardFolderError, check_checksums, check_folder
+        try:
+            check_folder(folder, kind, num_samples)
+        except ShardFolderError as error:
+            raise ConfigError(f"{option} {error}") from None
         # the DALI loader runs the full verify (checksums included) itself: it cannot skip a bad sample
-        return self.args.check_shards == "sha256" and self.args.backend != "dali"
+        if self.args.check_shards != "sha256" or self.args.backend == "dali":
+            return
+        problems = check_checksums(folder)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise ConfigError(f"{option} {problems[0]}{more}; convert the data again, or skip this check "
+                              f"with --check-shards off")
 
     def network(self) -> nn.Module:
         """The trained network, built once per process (rank 0 builds it while checking), from
@@ -178,7 +175,7 @@ class PretrainStage(Stage):
     name = "pretrain"
 
     def check(self) -> None:
-        check_shard_folder(self.args.seg, "--seg", "seg", self.args.num_seg, checksums=self.checksums)
+        self.check_shards(self.args.seg, "--seg", "seg", self.args.num_seg)
         if self.args.encoder_weights and not Path(self.args.encoder_weights).is_file():
             raise ConfigError(f"--encoder-weights {self.args.encoder_weights}: no such file")
         super().check()
@@ -215,8 +212,8 @@ class TeacherStage(Stage):
     name = "teacher"
 
     def check(self) -> None:
-        check_shard_folder(self.args.matte, "--matte", "matte", self.args.num_matte, checksums=self.checksums)
-        check_shard_folder(self.args.background, "--background", "background", checksums=self.checksums)
+        self.check_shards(self.args.matte, "--matte", "matte", self.args.num_matte)
+        self.check_shards(self.args.background, "--background", "background")
         super().check()
 
     def loader_kwargs(self) -> dict:
@@ -257,7 +254,7 @@ class StudentStage(Stage):
         return None if self.args.mlb_threshold < 0 else self.args.mlb_threshold
 
     def check(self) -> None:
-        check_shard_folder(self.args.seg, "--seg", "seg", self.args.num_seg, checksums=self.checksums)
+        self.check_shards(self.args.seg, "--seg", "seg", self.args.num_seg)
         teacher = self.frozen_teacher()
         super().check()
         student = self.network()
