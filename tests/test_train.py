@@ -237,3 +237,35 @@ def test_bf16_training_keeps_fp32_batchnorm_statistics(data, tmp_path, single_pr
     values = torch.cat([t.flatten() for t in stats.values()])
     exact = (values.bfloat16().float() == values).float().mean().item()
     assert exact < 0.1, f"{exact:.0%} of the statistics are bf16 values stored as fp32"
+
+
+def test_several_seg_folders_mix_in_both_stages_and_resume_only_with_the_same_mix(data, tmp_path, single_process,
+                                                                                  capsys):
+    from wsshm.models import build_model, save_weights
+    pseudo = tmp_path / "pseudo"
+    shutil.copytree(data["seg"], pseudo)
+    mix = ["--seg", str(data["seg"]), str(pseudo), "--seg-weights", "1", "0.5"]
+
+    def args(steps, weights=("1", "0.5"), *extra):
+        argv = pretrain_args(data, tmp_path / "mixed", "--steps", str(steps), "--save-every", "2", *extra)
+        argv[argv.index("--seg"):argv.index("--seg") + 2] = [*mix[:4], *weights]
+        return argv
+
+    code, err = run_main("pretrain", args(4), capsys)
+    assert code == 0, err
+    code, err = run_main("pretrain", args(6, ("1", "0.5"), "--resume"), capsys)
+    assert code == 0, err
+    code, err = run_main("pretrain", args(8, ("1", "2"), "--resume"), capsys)
+    assert code == 2 and "--resume: the loader state was saved for data folders of (size, weight) " \
+                         "[[8, 1.0], [8, 0.5]], this loader reads [[8, 1.0], [8, 2.0]]" in err, err
+    for wrong, expected in ((["--seg-weights", "1"], "--seg-weights: 1 mixing weights for 2 folders"),
+                            (["--seg-weights", "1", "-1"], "--seg-weights: mixing weights must be positive")):
+        with pytest.raises(SystemExit) as exit_info:
+            main("pretrain", [*args(4), *wrong])
+        assert exit_info.value.code == 2 and expected in capsys.readouterr().err
+    torch.manual_seed(0)
+    save_weights(build_model(ARCH), tmp_path / "teacher.safetensors")
+    code, err = run_main("student", ["--out", str(tmp_path / "s"), *mix, "--arch", ARCH, "--teacher",
+                                     str(tmp_path / "teacher.safetensors"), "--crop-sizes", "32",
+                                     "--batch-size", "3", "--num-workers", "0", "--steps", "2"], capsys)
+    assert code == 0, err

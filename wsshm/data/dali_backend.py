@@ -3,6 +3,8 @@
 (compositing, colour jitter, normalisation) in the fused op on the training device, as the PyTorch
 loader does. The geometry is drawn by ``wsshm.data.params`` and fed through an external source, so
 both loaders draw the same parameters; DALI's checkpoint carries the readers' positions for resume.
+Several data folders have a reader each; every reader advances each batch, and a DALI conditional
+takes each sample from the folder ``wsshm.data.mixing`` chose for it, so only chosen samples decode.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch
 from wsshm.data import params
 from wsshm.data.forms import Form
 from wsshm.data.loader import Loader
+from wsshm.data.mixing import Mixture
 from wsshm.shards import MEMBERS, ShardFolderError, ShardSet, verify
 
 
@@ -53,10 +56,13 @@ def write_indexes(shard_set: ShardSet, folder: str) -> tuple[list[str], list[str
 
 
 class GeometrySource:
-    """External source: per-sample crop size, scale, crop position and flip for each batch."""
+    """External source: per-sample crop size, scale, crop position and flip for each batch, then (with
+    several data folders) the folder of each sample."""
 
-    def __init__(self, form: Form, config: params.AugmentConfig, batch_size: int, seed: int, rank: int):
-        self.form, self.config, self.batch_size, self.seed, self.rank = form, config, batch_size, seed, rank
+    def __init__(self, form: Form, config: params.AugmentConfig, data: Mixture, batch_size: int, seed: int,
+                 rank: int, world_size: int):
+        self.form, self.config, self.data, self.batch_size = form, config, data, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
 
     def __call__(self, batch_info):
         step, B = batch_info.iteration, self.batch_size
@@ -65,6 +71,8 @@ class GeometrySource:
         for stream in range(1 + self.form.background):
             g = params.geometry(self.config, B, self.seed, step, self.rank, stream)
             outputs += [g.scale, g.x, g.y, g.flip.astype(np.int32)]
+        if len(self.data.sets) > 1:
+            outputs.append(self.data.choice(B, self.world_size, self.seed, step, self.rank).astype(np.int32))
         return tuple(outputs)
 
 
@@ -75,7 +83,8 @@ def _build_pipeline(form, data_files, bg_files, source, *, batch_size, num_threa
 
     gpu = device_id is not None
     decoder = "mixed" if gpu else "cpu"
-    n_out = 5 + 4 * form.background  # the crop size, then scale, x, y, flip per geometry stream
+    # the crop size, then scale, x, y, flip per geometry stream, then the folder when there are several
+    n_out = 5 + 4 * form.background + (len(data_files) > 1)
 
     def read(files, kind, name, reader_seed):
         return fn.readers.webdataset(
@@ -125,8 +134,13 @@ def _build_pipeline(form, data_files, bg_files, source, *, batch_size, num_threa
     @pipeline_def(enable_checkpointing=True, enable_conditionals=True)
     def pipeline():
         geo = fn.external_source(source=source, num_outputs=n_out, batch=True, batch_info=True)
-        size = geo[0]
-        encoded, encoded_label = read(data_files, form.kind, "data", seed * 2 + 1)
+        size, folder = geo[0], geo[-1]
+        # the first folder's reader keeps the name and seed a single-folder pipeline has always had
+        encoded, encoded_label = read(data_files[0], form.kind, "data", seed * 2 + 1)
+        for i, files in enumerate(data_files[1:], start=1):
+            other, other_label = read(files, form.kind, f"data{i}", seed * 2 + 1 + 1000 * i)
+            if folder == i:
+                encoded, encoded_label = other, other_label
         image = decode_crop(encoded, size, *geo[1:5])
         label = decode_crop(encoded_label, size, *geo[1:5], grey=True, nearest=not form.soft_labels)
         if not form.background:
@@ -161,12 +175,16 @@ class DaliLoader(Loader):
     backend = "dali"
     state_must_match = ("backend", *Loader.state_must_match)
 
-    def __init__(self, form: Form, data: ShardSet, background: ShardSet | None, *, num_workers: int, **common):
-        super().__init__(form, **common)
+    def __init__(self, form: Form, data: Mixture, background: ShardSet | None, *, num_workers: int, **common):
+        super().__init__(form, data, **common)
         self.num_threads = max(1, num_workers)
         self._tmp = tempfile.mkdtemp(prefix="wsshm-dali-idx-")
         self._cleanup = weakref.finalize(self, shutil.rmtree, self._tmp, True)
-        self.data_files = write_indexes(data, self._tmp)
+        self.data_files = []
+        for i, shard_set in enumerate(data.sets):
+            folder = os.path.join(self._tmp, f"data{i}")
+            os.makedirs(folder)
+            self.data_files.append(write_indexes(shard_set, folder))
         bg_dir = os.path.join(self._tmp, "bg")
         os.makedirs(bg_dir)
         self.bg_files = write_indexes(background, bg_dir) if background is not None else None
@@ -177,7 +195,8 @@ class DaliLoader(Loader):
         device_id = None
         if self.device.type == "cuda":
             device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        source = GeometrySource(self.form, self.config, self.batch_size, self.seed, self.rank)
+        source = GeometrySource(self.form, self.config, self.data, self.batch_size, self.seed, self.rank,
+                                self.world_size)
         self._pipe = _build_pipeline(
             self.form, self.data_files, self.bg_files, source, batch_size=self.batch_size,
             num_threads=self.num_threads, device_id=device_id, seed=self.seed, rank=self.rank,

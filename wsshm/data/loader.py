@@ -11,6 +11,7 @@ import torch
 
 from wsshm.data import params
 from wsshm.data.forms import Form
+from wsshm.data.mixing import Mixture
 from wsshm.data.prepare import fused_prepare
 
 
@@ -18,12 +19,13 @@ class Loader:
     """Endless iterator of training batches; ``state_dict()`` lets a fresh loader resume exactly."""
 
     backend = ""
-    # what a saved state must agree on with the loader that loads it
-    state_must_match = ("form", "seed", "world_size", "batch_size")
+    # what a saved state must agree on with the loader that loads it ("folders": each data folder's
+    # size and mixing weight; states saved before folders could be mixed lack it)
+    state_must_match = ("form", "seed", "world_size", "batch_size", "folders")
 
-    def __init__(self, form: Form, *, batch_size: int, config: params.AugmentConfig, rank: int, world_size: int,
-                 seed: int, device: torch.device, dtype: torch.dtype):
-        self.form, self.batch_size, self.config = form, batch_size, config
+    def __init__(self, form: Form, data: Mixture, *, batch_size: int, config: params.AugmentConfig, rank: int,
+                 world_size: int, seed: int, device: torch.device, dtype: torch.dtype):
+        self.form, self.data, self.batch_size, self.config = form, data, batch_size, config
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.device, self.dtype = device, dtype
         self.prepare = fused_prepare  # the benchmark swaps in fused_prepare_reference
@@ -52,7 +54,8 @@ class Loader:
 
     def _identity(self) -> dict:
         return {"backend": self.backend, "form": self.form.name, "step": self.step, "seed": self.seed,
-                "rank": self.rank, "world_size": self.world_size, "batch_size": self.batch_size}
+                "rank": self.rank, "world_size": self.world_size, "batch_size": self.batch_size,
+                "folders": self.data.identity()}
 
     def state_dict(self) -> dict:
         return {**self._identity(), **self._extra_state()}
@@ -60,7 +63,12 @@ class Loader:
     def load_state_dict(self, state: dict) -> None:
         mine = self._identity()
         for key in self.state_must_match:
+            if key == "folders" and key not in state and len(self.data.sets) == 1:
+                continue
             if state.get(key) != mine[key]:
+                if key == "folders":
+                    raise ValueError(f"the loader state was saved for data folders of (size, weight) "
+                                     f"{state.get(key)}, this loader reads {mine[key]}")
                 raise ValueError(f"loader state was saved with {key}={state.get(key)!r}, this loader has {mine[key]!r}")
         self.close()
         self.step = int(state["step"])

@@ -104,6 +104,9 @@ def background_choice(num_backgrounds: int, batch: int, seed: int, step: int, ra
     return _rng(seed, step, rank, 5).integers(num_backgrounds, size=batch)
 
 
-def sample_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
-    """The shuffled order of one epoch."""
-    return _rng(seed, epoch, 3).permutation(num_samples)
+def sample_order(num_samples: int, seed: int, epoch: int, source: int = 0) -> np.ndarray:
+    """The shuffled order of one epoch of data folder ``source`` (the first folder's draw is the one
+    a single-folder run has always made)."""
+    # the fourth counter of the other folders stays clear of the (seed, step, rank, stream) draws
+    return _rng(seed, epoch, 3, *([100 + source] if source else [])).permutation(num_samples)
+

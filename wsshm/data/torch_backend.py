@@ -3,7 +3,8 @@ DataLoader workers (OpenCV), the per-pixel work in the fused op on the training 
 
 Global batch ``step`` takes the positions ``step*world*B + rank*B + j`` of an endless stream made of
 shuffled epochs, so ranks get disjoint samples within an epoch, every batch is full, and the loader's
-whole state is its step counter.
+whole state is its step counter. With several folders each folder has such a stream, and the
+positions are dealt to the folders at their shares (``wsshm.data.mixing``).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from wsshm.data import params
 from wsshm.data.forms import Form
 from wsshm.data.loader import Loader
+from wsshm.data.mixing import Mixture
 from wsshm.shards import CorruptSample, ShardSet, decode_sample
 
 
@@ -49,23 +51,24 @@ def _leave_sigterm_to_the_trainer(worker_id: int) -> None:
 class BatchDataset(Dataset):
     """Item ``step`` is this rank's uint8 batch of global batch ``step``."""
 
-    def __init__(self, form: Form, data: ShardSet, background: ShardSet | None, batch_size: int,
+    def __init__(self, form: Form, data: Mixture, background: ShardSet | None, batch_size: int,
                  config: params.AugmentConfig, rank: int, world_size: int, seed: int):
         self.form, self.data, self.background = form, data, background
         self.batch_size, self.config = batch_size, config
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self._orders: dict[int, np.ndarray] = {}
+        self._orders: dict[tuple[int, int], np.ndarray] = {}
         self._warned: set[str] = set()
 
     def __len__(self):  # endless; DataLoader only needs a number
         return 2**62
 
-    def _index(self, position: int) -> int:
-        n = len(self.data)
-        epoch = position // n
-        if epoch not in self._orders:
-            self._orders = {epoch: params.sample_order(n, self.seed, epoch)}
-        return int(self._orders[epoch][position % n])
+    def _index(self, source: int, position: int) -> int:
+        n = len(self.data.sets[source])
+        key = (source, position // n)
+        if key not in self._orders:
+            self._orders = {k: v for k, v in self._orders.items() if k[0] != source}  # one epoch per folder
+            self._orders[key] = params.sample_order(n, self.seed, key[1], source)
+        return int(self._orders[key][position % n])
 
     def _decode_at(self, shard_set: ShardSet, index: int):
         """Decode sample ``index``, skipping corrupt ones (with a warning) to the next good one."""
@@ -85,9 +88,11 @@ class BatchDataset(Dataset):
         size = params.crop_size(cfg, self.seed, step)
         geo = params.geometry(cfg, B, self.seed, step, self.rank)
         first = (step * self.world_size + self.rank) * B
+        folders, within = self.data.streams(np.arange(first, first + B), self.seed)
         images, labels = [], []
         for j in range(B):
-            image, label = self._decode_at(self.data, self._index(first + j))
+            source = int(folders[j])
+            image, label = self._decode_at(self.data.sets[source], self._index(source, int(within[j])))
             args = (size, float(geo.scale[j]), float(geo.x[j]), float(geo.y[j]), bool(geo.flip[j]))
             images.append(crop(image, *args))
             labels.append(crop(label, *args, nearest=not self.form.soft_labels))
@@ -109,8 +114,8 @@ class TorchLoader(Loader):
 
     backend = "torch"
 
-    def __init__(self, form: Form, data: ShardSet, background: ShardSet | None, *, num_workers: int, **common):
-        super().__init__(form, **common)
+    def __init__(self, form: Form, data: Mixture, background: ShardSet | None, *, num_workers: int, **common):
+        super().__init__(form, data, **common)
         self.dataset = BatchDataset(form, data, background, self.batch_size, self.config, self.rank,
                                     self.world_size, self.seed)
         self.num_workers = num_workers

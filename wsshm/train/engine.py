@@ -185,7 +185,10 @@ class Trainer:
         if len(client_state["loader"]) != self.world:
             raise ConfigError(f"--resume: the checkpoint was written by {len(client_state['loader'])} ranks, "
                               f"this run has {self.world}")
-        self.loader.load_state_dict(client_state["loader"][self.rank])
+        try:
+            self.loader.load_state_dict(client_state["loader"][self.rank])
+        except ValueError as error:  # other data, weights, seed or batch than the checkpoint's
+            raise ConfigError(f"--resume: {error}") from None
         torch.set_rng_state(client_state["rng"][self.rank])
         self.stage.load_extra_state(client_state)
 

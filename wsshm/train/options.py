@@ -57,8 +57,14 @@ def build_parser(stage: str, default_config: str | None = None) -> argparse.Argu
                            help="torchvision ResNet weights (.safetensors, or a .pth loaded with weights_only)")
     data = parser.add_argument_group("data (shard folders, SPEC section 5)")
     if stage in ("pretrain", "student"):
-        data.add_argument("--seg", required=True, help="natural images with segmentation masks")
-        data.add_argument("--num-seg", type=int, default=None, help="use a deterministic subset of N")
+        data.add_argument("--seg", required=True, nargs="+",
+                          help="natural images with segmentation masks: one folder, or several mixed at "
+                               "--seg-weights (a labelled and a pseudo-labelled one: wsshm-pseudo-label)")
+        data.add_argument("--seg-weights", type=float, nargs="+", default=None, metavar="W",
+                          help="each --seg folder's share of every batch, relative (1 0.5: two thirds from "
+                               "the first); default: the folders' sizes, as if concatenated")
+        data.add_argument("--num-seg", type=int, default=None,
+                          help="use a deterministic subset of N (of the first --seg folder)")
     if stage == "teacher":
         data.add_argument("--matte", required=True, help="foregrounds with alpha mattes")
         data.add_argument("--background", required=True, help="backgrounds to composite onto")

@@ -122,6 +122,19 @@ class Stage(abc.ABC):
     def build_network(self) -> nn.Module:
         return build_network(self.args)
 
+    def check_seg(self) -> None:
+        """Every ``--seg`` folder (``--num-seg`` subsets the first) and the ``--seg-weights``."""
+        from wsshm.data.mixing import check_weights
+        try:
+            check_weights(self.args.seg, self.args.seg_weights)
+        except ValueError as error:
+            raise ConfigError(f"--seg-weights: {error}") from None
+        for i, folder in enumerate(self.args.seg):
+            self.check_shards(folder, "--seg", "seg", self.args.num_seg if i == 0 else None)
+
+    def seg_loader_kwargs(self) -> dict:
+        return {"seg": self.args.seg, "seg_weights": self.args.seg_weights, "num_samples": self.args.num_seg}
+
     @abc.abstractmethod
     def loader_kwargs(self) -> dict:
         """Which shard folders and options ``build_loader`` gets for this stage."""
@@ -175,7 +188,7 @@ class PretrainStage(Stage):
     name = "pretrain"
 
     def check(self) -> None:
-        self.check_shards(self.args.seg, "--seg", "seg", self.args.num_seg)
+        self.check_seg()
         if self.args.encoder_weights and not Path(self.args.encoder_weights).is_file():
             raise ConfigError(f"--encoder-weights {self.args.encoder_weights}: no such file")
         super().check()
@@ -192,7 +205,7 @@ class PretrainStage(Stage):
         return net
 
     def loader_kwargs(self) -> dict:
-        return {"seg": self.args.seg, "num_samples": self.args.num_seg}
+        return self.seg_loader_kwargs()
 
     def step(self, engine, batch):
         matte, _ = engine(batch["image"])
@@ -254,7 +267,7 @@ class StudentStage(Stage):
         return None if self.args.mlb_threshold < 0 else self.args.mlb_threshold
 
     def check(self) -> None:
-        self.check_shards(self.args.seg, "--seg", "seg", self.args.num_seg)
+        self.check_seg()
         teacher = self.frozen_teacher()
         super().check()
         student = self.network()
@@ -264,7 +277,7 @@ class StudentStage(Stage):
                               f"'{getattr(teacher, 'arch', '?')}' and the student '{getattr(student, 'arch', '?')}'")
 
     def loader_kwargs(self) -> dict:
-        return {"seg": self.args.seg, "num_samples": self.args.num_seg}
+        return self.seg_loader_kwargs()
 
     @property
     def trains_boundary(self) -> bool:
