@@ -149,14 +149,14 @@ def plan_runs(preset: Preset, data: dict, out: Path, scale: float, supported: di
     return runs
 
 
-def train(run: Run, out: Path, env: dict, gpus: int, processes: int) -> float | None:
+def train(run: Run, out: Path, env: dict, gpus: int, processes: int, who: str = "bench_fidelity") -> float | None:
     """Train ``run`` unless its final weights exist (then ``None``); resume an interrupted one.
     Refuses a folder trained with other settings, so a quick run is never mistaken for a full one."""
     folder, args = run.folder(out), [str(a) for a in run.args]
     settings = {"args": args, "processes": processes, "gpus": gpus}
     record = folder / "study-settings.json"
     if record.is_file() and json.loads(record.read_text()) != settings:
-        raise SystemExit(f"bench_fidelity: {folder} was trained with other settings ({record}); "
+        raise SystemExit(f"{who}: {folder} was trained with other settings ({record}); "
                          "use another --out or remove that folder")
     if run.weights(out).is_file():
         return None
@@ -164,10 +164,11 @@ def train(run: Run, out: Path, env: dict, gpus: int, processes: int) -> float | 
     write_json(record, settings)
     resume = ["--resume"] if latest_tag(folder / "checkpoints") else []
     cmd = stage_command(run.stage, ["--out", folder, *args, *resume], gpus, processes)
-    return run_logged(cmd, out / "logs" / f"{run.name}.log", env, "bench_fidelity")
+    return run_logged(cmd, out / "logs" / f"{run.name}.log", env, who)
 
 
-def evaluate(weights: Path, dataset: Path, target: Path, short_side: int, name: str) -> dict:
+def evaluate(weights: Path, dataset: Path, target: Path, short_side: int, name: str,
+             who: str = "bench_fidelity") -> dict:
     """``wsshm-eval`` (its ``main``, in this process: 30 evaluator start-ups would cost minutes);
     an evaluation newer than its weights is reused."""
     from wsshm.evaluate import main as evaluate_main
@@ -177,7 +178,7 @@ def evaluate(weights: Path, dataset: Path, target: Path, short_side: int, name: 
                 "--short-side", str(short_side)]
         print("\n$ wsshm-eval " + " ".join(argv), flush=True)
         if evaluate_main(argv):
-            raise SystemExit(f"bench_fidelity: evaluation of {weights} on {dataset} failed")
+            raise SystemExit(f"{who}: evaluation of {weights} on {dataset} failed")
     return json.loads(metrics.read_text())
 
 

@@ -36,7 +36,7 @@ def prepare_builtin(out: Path, env: dict) -> tuple[dict, float]:
     return {name: data / name for name in names}, seconds
 
 
-def _link_files(files: list[Path], folder: Path) -> None:
+def link_files(files: list[Path], folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for path in files:
         link = folder / path.name
@@ -50,17 +50,19 @@ def split_ccp(ccp: Path, split: Path) -> dict[str, Path]:
     parts = {"ccp-train": images[:-HELDOUT], "ccp-heldout": images[-HELDOUT:]}
     for name, files in parts.items():
         masks = [next((ccp / "masks").glob(p.stem + ".*"), ccp / "masks" / (p.stem + ".png")) for p in files]
-        _link_files(files, split / name / "images")
-        _link_files(masks, split / name / "masks")
+        link_files(files, split / name / "images")
+        link_files(masks, split / name / "masks")
     return {name: split / name for name in parts}
 
 
-def prepare_real(source: Path, out: Path, env: dict, limit: int | None) -> tuple[dict, float]:
+def prepare_real(source: Path, out: Path, env: dict, limit: int | None, names=None,
+                 prog: str = "bench_fidelity") -> tuple[dict, float]:
+    """The real preset's shard folders (``names``: only those of them)."""
     needed = [source / "ccp" / "images", source / "ccp" / "masks", source / "rbg", source / "p3m-demo",
               source / "backgrounds"]
     absent = [str(path) for path in needed if not path.is_dir()]
     if absent:
-        raise SystemExit(f"bench_fidelity: the real preset needs the real-photo data kit, but {absent[0]} is "
+        raise SystemExit(f"{prog}: the real-photo data kit is needed, but {absent[0]} is "
                          "absent (see ../shared/realdata/README.md; --realdata DIR points elsewhere); skipped")
     data = out / ("data" if limit is None else f"data-limit{limit}")
     split = split_ccp(source / "ccp", data / "split")
@@ -74,6 +76,7 @@ def prepare_real(source: Path, out: Path, env: dict, limit: int | None) -> tuple
         "matte": ["matte", "--fg", p3m / "images", "--alpha", p3m / "alphas"],
         "background": ["background", "--images", source / "backgrounds"],
     }
+    conversions = {name: conversion for name, conversion in conversions.items() if names is None or name in names}
     seconds = 0.0
     for name, (kind, *options) in conversions.items():
         cmd = [sys.executable, "-m", "wsshm.shards.cli", kind, *map(str, options), "--out", str(data / name),
@@ -81,5 +84,5 @@ def prepare_real(source: Path, out: Path, env: dict, limit: int | None) -> tuple
         limits = [n for n in (limit, EVAL_LIMITS.get(name)) if n is not None]
         if limits:
             cmd += ["--limit", str(min(limits))]
-        seconds += run_logged(cmd, out / "logs" / f"data-{name}.log", env, "bench_fidelity")
+        seconds += run_logged(cmd, out / "logs" / f"data-{name}.log", env, prog)
     return {name: data / name for name in conversions}, seconds

@@ -74,8 +74,9 @@ class Mixture:
     def undersized(self, global_batch: int) -> list[str]:
         """The folders holding fewer samples than their share of a global batch."""
         total = sum(self.weights)
-        return [f"{s.folder}: {len(s)} samples for about {math.ceil(global_batch * w / total)} a global batch"
-                for s, w in zip(self.sets, self.weights) if len(s) < math.ceil(global_batch * w / total)]
+        shares = [math.ceil(global_batch * w / total) for w in self.weights]
+        return [f"{s.folder}: {len(s)} samples for its {share} of a global batch of {global_batch}"
+                for s, share in zip(self.sets, shares) if len(s) < share]
 
 
 def interleave(weights, positions: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -84,9 +85,8 @@ def interleave(weights, positions: np.ndarray, seed: int) -> tuple[np.ndarray, n
     within = positions.copy()
     rest = within.copy()  # each position's rank among the positions not yet given a folder
     undecided = np.ones(positions.shape, bool)
-    remaining = float(sum(weights))
     for i, weight in enumerate(weights[:-1]):
-        share = weight / remaining
+        share = weight / float(sum(weights[i:]))  # <= 1: no position is counted twice
         phase = float(np.random.default_rng([seed, 6, i]).uniform())
         before = np.floor(rest * share + phase).astype(np.int64)
         mine = undecided & (np.floor((rest + 1) * share + phase).astype(np.int64) > before)
@@ -94,7 +94,6 @@ def interleave(weights, positions: np.ndarray, seed: int) -> tuple[np.ndarray, n
         undecided &= ~mine
         rest = rest - before
         within[undecided] = rest[undecided]
-        remaining -= weight
     return folder, within
 
 
