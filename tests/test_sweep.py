@@ -200,6 +200,14 @@ def test_a_2x2_sweep_over_two_shards_reports_blanks_then_resumes(data, tmp_path,
         assert metrics.stat().st_mtime > before  # the new weights were scored again
         assert not list(out.rglob("*.tmp"))  # nothing half-written left
 
+        # and with no checkpoint that opens (every file truncated), the stage starts again
+        (student / "student.safetensors").unlink()
+        for state in (student / "checkpoints").rglob("*.pt"):
+            state.write_bytes(state.read_bytes()[:100])
+        fresh = sweep(sweep_args(data, out))
+        assert "seg8-matte4: student: no usable checkpoint (" in fresh and "starting it again" in fresh
+        assert not stage_commands(fresh)[0].endswith(" --resume") and (student / "student.safetensors").is_file()
+
 
 @pytest.mark.xdist_group("ds")
 def test_sigterm_to_the_sweeps_group_lets_the_stage_save_and_stops_with_143(data, tmp_path, one_run_at_a_time):

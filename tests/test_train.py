@@ -182,6 +182,14 @@ def test_resume_passes_over_a_truncated_newest_checkpoint(data, tmp_path, single
     assert steps == [1, 2, 3, 4, 5, 6]  # steps 3 and 4 of the first run were logged again, once
     assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step00000004", "step00000006",
                                                                            "step_notes"]
+    # a save killed before rank 0 wrote its ZeRO-1 optimizer file: DeepSpeed would fail after building
+    (checkpoints / "step00000006" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
+    with pytest.warns(UserWarning, match="step00000006: rank 0's ZeRO optim states file is missing"):
+        code, err = run_main("pretrain", pretrain_args(data, out, "--steps", "7", "--save-every", "2", "--resume"),
+                             capsys)
+    assert code == 0, err
+    steps = [int(line.split(",")[0]) for line in (out / "loss.csv").read_text().splitlines()[1:]]
+    assert steps == [1, 2, 3, 4, 5, 6, 7]
 
 
 def test_one_non_finite_step_is_skipped_and_a_run_of_them_stops(data, tmp_path, single_process, monkeypatch,

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from wsshm.train.checkpoint import resume_tag
 from wsshm.train.launch import run_logged, stage_command
 from wsshm.train.options import STAGE_DEFAULTS
 from wsshm.sweep.plan import Job, Stage, shard_of
@@ -87,7 +88,13 @@ def run_stage(stage: Stage, job: Job, ctx, progress: Progress) -> None:
     if stage.weights.is_file():
         say(f"{job.name}: {stage.kind} reused ({stage.weights})")
         return
-    resume = (stage.folder / "checkpoints" / "latest").is_file()
+    checkpoints = stage.folder / "checkpoints"
+    # the trainer itself checks every rank's files and passes over a broken newest checkpoint; with
+    # none that opens at all, --resume would only fail, so the stage starts again
+    tag, skipped = resume_tag(checkpoints) if checkpoints.is_dir() else (None, [])
+    if tag is None and skipped:
+        say(f"{job.name}: {stage.kind}: no usable checkpoint ({skipped[0]}); starting it again")
+    resume = tag is not None
     args = ["--out", stage.folder, *stage.data_args, *ctx.train_args(stage.kind)] + (["--resume"] if resume else [])
     cmd = stage_command(stage.kind, args, ctx.gpus, ctx.processes)
     say(f"{job.name}: {stage.kind} started{' (resuming from its checkpoint)' if resume else ''}")

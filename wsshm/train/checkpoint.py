@@ -65,13 +65,37 @@ def latest_tag(checkpoint_dir: Path) -> str | None:
     return tag if STEP_TAG.fullmatch(tag) and (Path(checkpoint_dir) / tag).is_dir() else None
 
 
-def _loadable(tag_dir: Path) -> str | None:
-    """Why the checkpoint in ``tag_dir`` cannot be resumed from (None: every file opens as plain data).
+RANK_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_([0-9]+)_mp_rank_00_(optim|model)_states\.pt")
+
+
+def _missing_rank_files(files: list[Path], world_size: int, zero_stage: int) -> str | None:
+    """A per-rank ZeRO file that a save killed half-way (or a copy) left out; DeepSpeed would fail on it
+    only after it has built the engine, in a traceback."""
+    ranks: dict[str, set[int]] = {}
+    for path in files:
+        match = RANK_FILE.fullmatch(path.name)
+        if match:
+            ranks.setdefault(match.group(2), set()).add(int(match.group(1)))
+    if zero_stage >= 1:
+        ranks.setdefault("optim", set())
+    for kind, found in sorted(ranks.items()):
+        missing = sorted(set(range(world_size)) - found)
+        if missing:
+            return f"rank {missing[0]}'s ZeRO {kind} states file is missing ({len(found)} of {world_size} ranks' present)"
+    return None
+
+
+def _loadable(tag_dir: Path, world_size: int = 1, zero_stage: int = 0) -> str | None:
+    """Why the checkpoint in ``tag_dir`` cannot be resumed from (None: every rank's files are there and
+    open as plain data).
 
     The files are memory-mapped, so a truncated or hostile file is found without reading the tensors."""
     files = sorted(tag_dir.glob("*.pt"))
     if not files:
         return "no checkpoint files"
+    missing = _missing_rank_files(files, world_size, zero_stage)
+    if missing:
+        return missing
     for path in files:
         try:
             with torch.serialization.safe_globals(_deepspeed_safe_globals()):
@@ -83,9 +107,10 @@ def _loadable(tag_dir: Path) -> str | None:
     return None
 
 
-def resume_tag(checkpoint_dir: Path) -> tuple[str | None, list[str]]:
+def resume_tag(checkpoint_dir: Path, world_size: int = 1, zero_stage: int = 0) -> tuple[str | None, list[str]]:
     """The newest checkpoint that loads, starting from DeepSpeed's ``latest``, and the reasons the
-    newer ones were passed over (a save killed half-way, a truncated or tampered file)."""
+    newer ones were passed over (a save killed half-way, a truncated or tampered file, a rank's file
+    missing)."""
     checkpoint_dir = Path(checkpoint_dir)
     latest = latest_tag(checkpoint_dir)
     tags = sorted((p.name for p in checkpoint_dir.glob("step*") if p.is_dir() and STEP_TAG.fullmatch(p.name)),
@@ -94,7 +119,7 @@ def resume_tag(checkpoint_dir: Path) -> tuple[str | None, list[str]]:
         tags = [latest] + [t for t in tags if t < latest]
     skipped = []
     for tag in tags:
-        problem = _loadable(checkpoint_dir / tag)
+        problem = _loadable(checkpoint_dir / tag, world_size, zero_stage)
         if problem is None:
             return tag, skipped
         skipped.append(f"{checkpoint_dir / tag}: {problem}")

@@ -85,7 +85,7 @@ class Trainer:
                               f"wrote, so remove it" + (f" (and {len(links) - 1} more)" if len(links) > 1 else ""))
         self.stage.check()
         if self.args.resume:
-            self.check_resume()
+            self.check_resume(int(config.get("zero_optimization", {}).get("stage", 0)))
         if self.args.save_every < 0 or self.args.log_every <= 0 or self.args.image_every < 0:
             raise ConfigError("--save-every/--image-every must be >= 0 and --log-every > 0")
         try:
@@ -94,7 +94,7 @@ class Trainer:
             raise ConfigError(f"--out {self.out}: {error}") from None
         return config
 
-    def check_resume(self) -> None:
+    def check_resume(self, zero_stage: int) -> None:
         """Which checkpoint ``--resume`` continues from, found before DeepSpeed opens any."""
         try:
             info = read_run_info(self.out) or {}
@@ -109,7 +109,7 @@ class Trainer:
         if info.get("world_size") not in (None, self.world):
             raise ConfigError(f"--resume: the checkpoints in {self.ckpt_dir} were written by {info['world_size']} "
                               f"processes, this run has {self.world}; resume with the same number")
-        tag, skipped = resume_tag(self.ckpt_dir)
+        tag, skipped = resume_tag(self.ckpt_dir, self.world, zero_stage)
         for reason in skipped:
             warnings.warn(f"--resume: passing over an unusable checkpoint: {reason}", stacklevel=2)
         if tag is None:
