@@ -36,7 +36,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.device_count() else
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fidelity_data  # noqa: E402  (bench/ beside this file)
 from bench_fidelity import Run, evaluate, train  # noqa: E402
-from fidelity_report import _eval_set, predict  # noqa: E402
+from fidelity_report import Timings, _eval_set, predict  # noqa: E402
 from wsshm.atomic import atomic_path, write_json, write_text  # noqa: E402
 from wsshm.image import IMAGE_SUFFIXES  # noqa: E402
 from wsshm.train.launch import ROOT, StepFailed, run_logged, training_env  # noqa: E402
@@ -94,6 +94,29 @@ def per_photo(weights: Path, dataset: Path, target: Path, short_side: int, name:
     return {"mse": mse, "iou": ious}
 
 
+def confidence_check(weights: Path, dataset: Path, short_side: int, min_confidence: float) -> dict:
+    """Does wsshm-pseudo-label's confidence tell good pseudo masks from bad? Round 0's masks and scores
+    (its flip TTA) on the held-out photos, whose true masks are known: the rank correlation of
+    confidence with IoU, and the mean IoU of the photos the filter would keep and drop."""
+    from scipy.stats import spearmanr
+    from wsshm.models import load_weights
+    from wsshm.pseudo_label import predict_with_scores
+    samples = _eval_set(str(dataset))
+    net = load_weights(str(weights)).eval()
+    results = predict_with_scores(net, [s.image for s in samples], 0.5, "flip", short_side=short_side)
+    conf, iou = [], []
+    for sample, (mask, scores) in zip(samples, results):
+        truth = sample.alpha > 0.5
+        union = np.logical_or(mask > 0, truth).sum()
+        conf.append(scores["confidence"])
+        iou.append(float(np.logical_and(mask > 0, truth).sum() / union) if union else 1.0)
+    conf, iou = np.array(conf), np.array(iou)
+    kept = conf >= min_confidence
+    return {"spearman": float(spearmanr(conf, iou).statistic), "kept": int(kept.sum()), "photos": len(iou),
+            "iou_kept": float(iou[kept].mean()) if kept.any() else None,
+            "iou_dropped": float(iou[~kept].mean()) if (~kept).any() else None}
+
+
 def paired_interval(a: dict, b: dict, draws: int = 2000) -> tuple[float, float, float]:
     """Mean of ``b - a`` over the photos and its 95% bootstrap interval (photos resampled)."""
     diff = np.array([b[k] - a[k] for k in a])
@@ -147,10 +170,16 @@ def figures(out: Path, pseudo: dict, photos: Path, data: dict, models: dict, sho
     plt.close(fig)
 
 
-def report(out: Path, args, labelled: int, scores: dict, pseudo: dict, timings: dict, wall: float) -> Path:
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def report(out: Path, args, labelled: int, scores: dict, pseudo: dict, check: dict, timings, wall: float) -> Path:
     lines = ["# Self-training on real photos: one round of pseudo labels", "",
              f"Machine: {'GPU' if torch.cuda.is_available() else 'CPU'}, {os.cpu_count()} cores; "
-             f"Python {platform.python_version()}, torch {torch.__version__}. Wall time {wall / 60:.1f} min.", "",
+             f"Python {platform.python_version()}, torch {torch.__version__}. Wall time of this invocation "
+             f"{wall / 60:.1f} min; recorded time of all parts "
+             f"{sum(v['seconds'] for v in timings.saved.values()) / 60:.1f} min.", "",
              f"Stage 0 (segmentation), `{ARCH}`, {CROP} px crops, batch {BATCH}, {args.steps} steps, lr {LR:g}, "
              f"seed 0, each run from scratch. Labelled: {labelled} CCP photos (`--num-seg`); pseudo labels: "
              f"round 0 on {pseudo['counts']['images']} unlabelled CCP photos, flip TTA, shorter side "
@@ -178,8 +207,15 @@ def report(out: Path, args, labelled: int, scores: dict, pseudo: dict, timings: 
                                               zip([(s, m) for s in EVAL_SETS for m in ("mse", "iou")], better)),
               "(a change counts when its whole interval is on one side of zero; the interval covers the "
               "choice of test photos, not the training's seed).", "",
+              f"Does the confidence pick the better pseudo masks? Round 0's masks of the {check['photos']} "
+              f"held-out CCP photos, scored as wsshm-pseudo-label scores them: Spearman correlation of "
+              f"confidence and IoU {check['spearman']:.2f}; the {check['kept']} photos at confidence >= "
+              f"{args.min_confidence:g} have mean IoU {_fmt(check['iou_kept'])}, the other "
+              f"{check['photos'] - check['kept']} {_fmt(check['iou_dropped'])}.", "",
               "![pseudo labels](pseudo_labels.png)", "", "![held-out photos](heldout.png)", "",
-              "| part | seconds |", "| --- | --- |", *[f"| {k} | {v:.0f} |" for k, v in timings.items()]]
+              "| part | seconds | this invocation |", "| --- | --- | --- |",
+              *[f"| {k} | {v['seconds']:.0f} | {'reused' if k in timings.reused else 'ran'} |"
+                for k, v in timings.saved.items()]]
     write_text(out / "report.md", "\n".join(lines) + "\n")
     return out / "report.md"
 
@@ -205,30 +241,31 @@ def study(args) -> int:
     source = Path(args.realdata)
     photos = unlabelled_photos(source, out, 40 if args.quick else None)
     data, seconds = fidelity_data.prepare_real(source, out, env, quick, names=("seg", *EVAL_SETS), prog=PROG)
-    timings = {"data": seconds}
+    timings = Timings(out / "timings.json")  # a rerun that reuses a part still reports its time
+    timings.add("data", seconds, steps=None)
     labelled = min(args.labelled, 24) if args.quick else args.labelled
     common = ["--steps", args.steps, "--warmup-steps", max(1, args.steps // 20), "--lr", LR, "--arch", ARCH,
               "--crop-sizes", CROP, "--batch-size", BATCH, "--num-workers", 1, "--log-every", 10,
               "--image-every", 1000, "--save-every", 100]
     runs = {"round-0": Run("round-0", "pretrain", [*common, "--seg", data["seg"], "--num-seg", labelled]),
             "ceiling": Run("ceiling", "pretrain", [*common, "--seg", data["seg"]])}
-    timings["round-0"] = train(runs["round-0"], out, env, gpus, 1, who=PROG)
-    pseudo, timings["pseudo labels"] = pseudo_label(runs["round-0"].weights(out), photos, out / "data" / "pseudo",
-                                                     args, env)
+    timings.add("round-0", train(runs["round-0"], out, env, gpus, 1, who=PROG), args.steps)
+    pseudo, seconds = pseudo_label(runs["round-0"].weights(out), photos, out / "data" / "pseudo", args, env)
+    timings.add("pseudo labels", seconds, steps=None)
     runs["round-1"] = Run("round-1", "pretrain", [*common, "--seg", data["seg"], out / "data" / "pseudo",
                                                   "--seg-weights", *args.seg_weights, "--num-seg", labelled])
     for name in ("round-1", "ceiling"):
-        timings[name] = train(runs[name], out, env, gpus, 1, who=PROG)
+        timings.add(name, train(runs[name], out, env, gpus, 1, who=PROG), args.steps)
     start = time.perf_counter()
     models = {name: runs[name].weights(out) for name in MODELS}
     scores = {name: {s: per_photo(weights, data[s], out / "eval" / name / s, args.short_side, name)
                      for s in EVAL_SETS} for name, weights in models.items()}
+    check = confidence_check(models["round-0"], data["ccp-heldout"], args.short_side, args.min_confidence)
     figures(out, pseudo, photos, data, models, args.short_side)
-    timings["evaluation and figures"] = time.perf_counter() - start
-    timings = {k: v for k, v in timings.items() if v is not None}  # None: reused from an earlier invocation
-    write_json(out / "results.json", {"scores": scores, "pseudo_counts": pseudo["counts"], "timings": timings,
-                                      "args": {k: v for k, v in vars(args).items()}}, indent=1)
-    path = report(out, args, labelled, scores, pseudo, timings, time.perf_counter() - started)
+    timings.add("evaluation and figures", time.perf_counter() - start, steps=None)
+    write_json(out / "results.json", {"scores": scores, "pseudo_counts": pseudo["counts"], "confidence_check": check,
+                                      "timings": timings.saved, "args": vars(args)}, indent=1)
+    path = report(out, args, labelled, scores, pseudo, check, timings, time.perf_counter() - started)
     print(f"\n{path}:\n\n{path.read_text()}")
     return 0
 

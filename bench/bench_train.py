@@ -61,20 +61,23 @@ STAGE_ORDER = ("teacher", "student")
 
 
 # ----------------------------------------------------------------------------- timing
-def images_per_s(fn, batch: int, warmup: int, count: int, device: torch.device) -> float:
-    """Throughput of ``count`` calls after ``warmup`` untimed ones: total images over total time. (Not
+def images_per_s(fn, batch: int, warmup: int, count: int, device: torch.device) -> tuple[float, float]:
+    """Throughput of ``count`` calls after ``warmup`` untimed ones: total images over total time (not
     a median step: with several workers a loader-bound pipeline delivers batches in bursts, and its
-    median step would be one that did not wait.)"""
+    median step would be one that did not wait), and the seconds of the warm-up (``--compile``'s
+    compilation happens there)."""
+    start = time.perf_counter()
     for _ in range(warmup):
         fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
+    warm = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(count):
         fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return count * batch / (time.perf_counter() - start)
+    return count * batch / (time.perf_counter() - start), warm
 
 
 class PeakMemory:
@@ -100,15 +103,16 @@ def stage_argv(stage: str, arch: str, data: dict, teacher: str, out: str, args) 
     """The stage's command line; --steps only shapes the learning-rate schedule here."""
     argv = ["--out", out, "--arch", arch, "--crop-sizes", str(args.crop), "--batch-size", str(args.batch),
             "--steps", str(args.warmup + args.steps), "--num-workers", str(args.workers),
-            "--precision", args.precision, "--check-shards", "off", "--save-every", "0", "--image-every", "0"]
+            "--precision", args.precision, "--check-shards", "off", "--save-every", "0", "--image-every", "0",
+            "--compile", args.compile]
     argv += ["--zero-stage", str(args.zero_stage)] if args.zero_stage is not None else []
     if stage == "teacher":
         return argv + ["--matte", data["matte"], "--background", data["background"]]
     return argv + ["--seg", data["seg"], "--teacher", teacher]
 
 
-def run_wsshm(stage_name: str, argv: list[str], args, device) -> tuple[float, float, float | None]:
-    """(step images/s, loader-alone images/s, peak GiB) of the real stage under DeepSpeed."""
+def run_wsshm(stage_name: str, argv: list[str], args, device) -> tuple[float, float, float, float | None]:
+    """(step images/s, warm-up seconds, loader-alone images/s, peak GiB) of the real stage under DeepSpeed."""
     stage = STAGES[stage_name](build_parser(stage_name).parse_args(argv))
     trainer = Trainer(stage, stage.args)
     with PeakMemory(device) as peak:
@@ -118,15 +122,15 @@ def run_wsshm(stage_name: str, argv: list[str], args, device) -> tuple[float, fl
             trainer.agree_stop()
             trainer.step()
 
-        rate = images_per_s(step, args.batch, args.warmup, args.steps, device)
+        rate, warm = images_per_s(step, args.batch, args.warmup, args.steps, device)
         trainer.loader.close()
     del trainer.engine, step
     # The loader alone, as Trainer.setup builds it.
     loader = build_loader(stage_name, **stage.loader_kwargs(), batch_size=args.batch, crop_sizes=(args.crop,),
                           device=str(trainer.device), num_workers=args.workers, seed=stage.args.seed)
-    loader_rate = images_per_s(lambda: next(loader), args.batch, 2, args.loader_batches, device)
+    loader_rate, _ = images_per_s(lambda: next(loader), args.batch, 2, args.loader_batches, device)
     loader.close()
-    return rate, loader_rate, peak.gib
+    return rate, warm, loader_rate, peak.gib
 
 
 # ----------------------------------------------------------------------------- baseline
@@ -235,7 +239,7 @@ def run_baseline(stage: str, arch: str, data: dict, teacher_path: str, args, dev
                         t.lerp_(s, 1 - 0.999)
             loss.item()  # a user logs the loss
 
-        rate = images_per_s(step, args.batch, args.warmup, args.steps, device)
+        rate, _ = images_per_s(step, args.batch, args.warmup, args.steps, device)
     del batches, loader
     return rate, peak.gib
 
@@ -265,6 +269,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, help="DataLoader workers of both loaders (default 8, quick 2)")
     ap.add_argument("--threads", type=int, help=f"torch threads (default: all on CUDA, {CPU_THREADS} on a CPU)")
     ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="wsshm's --precision")
+    ap.add_argument("--compile", choices=["off", "inductor", "aot_eager"], default="off",
+                    help="wsshm's --compile (its compilation falls in the warm-up column)")
     ap.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], help="wsshm's --zero-stage (default: the config's)")
     ap.add_argument("--data", help="folder with matte/, background/, seg/ shard folders (default: demo shards)")
     args = ap.parse_args(argv)
@@ -298,18 +304,19 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
             data = shard_folders(args, tmp)
             print("| stage | arch | crop | batch | wsshm img/s | baseline img/s | ratio | loader img/s | "
-                  "loader/step | peak mem GiB (wsshm / baseline) |\n|---|---|---|---|---|---|---|---|---|---|",
-                  flush=True)
+                  "loader/step | peak mem GiB (wsshm / baseline) | wsshm warm-up s |\n"
+                  "|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
             for arch in args.archs:
                 teacher_path = str(Path(tmp) / f"teacher-{arch}.safetensors")
                 save_weights(build_model(arch), teacher_path)  # the student stage's --teacher
                 for stage in [s for s in STAGE_ORDER if s in args.stages]:
                     base, base_peak = run_baseline(stage, arch, data, teacher_path, args, device)
                     argv = stage_argv(stage, arch, data, teacher_path, str(Path(tmp) / f"run-{stage}-{arch}"), args)
-                    ours, loader, peak = run_wsshm(stage, argv, args, device)
+                    ours, warm, loader, peak = run_wsshm(stage, argv, args, device)
                     mem = "-" if peak is None else f"{peak:.1f} / {base_peak:.1f}"
                     print(f"| {stage} | {arch} | {args.crop} | {args.batch} | {ours:.1f} | {base:.1f} | "
-                          f"{ours / base:.2f}x | {loader:.1f} | {loader / ours:.2f}x | {mem} |", flush=True)
+                          f"{ours / base:.2f}x | {loader:.1f} | {loader / ours:.2f}x | {mem} | {warm:.1f} |",
+                          flush=True)
     finally:
         if torch.distributed.is_initialized():
             deepspeed.comm.destroy_process_group()

@@ -142,6 +142,9 @@ if ((DRY_RUN)); then
     run_step "bench/bench_train.py --quick" 120 "$PY" bench/bench_train.py --quick
 else
     run_step "bench/bench_train.py (r18_w0.5 and r101, 16 x 512)" 240 "$PY" bench/bench_train.py --steps 6
+    # --compile's payoff: the student row again, its compilation in the warm-up column
+    run_step "bench/bench_train.py --compile inductor (student, r18_w0.5, 16 x 512)" 180 "$PY" \
+        bench/bench_train.py --steps 6 --stages student --archs unet_r18_w0.5 --compile inductor
 fi
 run_step "GPU tests: kernels and csrc on CUDA" 180 "$PY" -m pytest -q -p no:cacheprovider -n 4 -rf \
     tests/test_kernels.py tests/test_csrc.py

@@ -277,3 +277,34 @@ def test_several_seg_folders_mix_in_both_stages_and_resume_only_with_the_same_mi
                                      str(tmp_path / "teacher.safetensors"), "--crop-sizes", "32",
                                      "--batch-size", "3", "--num-workers", "0", "--steps", "2"], capsys)
     assert code == 0, err
+
+
+def test_compiled_student_trains_as_the_eager_one(data, tmp_path, single_process, capsys):
+    """--compile: the trained network and the frozen teacher compiled in place (aot_eager traces the
+    same graphs inductor would compile, without generating code): the same losses, the same weights
+    under the same names."""
+    from wsshm.models import build_model, read_weights, save_weights
+    torch.manual_seed(0)
+    save_weights(build_model(ARCH), tmp_path / "teacher.safetensors")
+    from torch._dynamo.utils import counters
+    results, graphs = {}, {}
+    for mode in ("off", "aot_eager"):
+        out = tmp_path / mode
+        torch._dynamo.reset()
+        counters.clear()
+        code, err = run_main("student", ["--out", str(out), "--seg", str(data["seg"]), "--arch", ARCH,
+                                         "--teacher", str(tmp_path / "teacher.safetensors"), "--crop-sizes", "32",
+                                         "--batch-size", "2", "--num-workers", "0", "--steps", "3",
+                                         "--log-every", "1", "--compile", mode], capsys)
+        assert code == 0, err
+        losses_logged = [float(line.split(",")[1]) for line in (out / "loss.csv").read_text().splitlines()[1:]]
+        results[mode] = (losses_logged, read_weights(out / "student.safetensors")[0],
+                         read_weights(out / "teacher-ema.safetensors")[0])
+        graphs[mode] = counters["stats"]["unique_graphs"]
+    assert graphs["off"] == 0 and graphs["aot_eager"] >= 2  # the student's graph and the teacher's
+    (eager_loss, eager_student, eager_ema), (compiled_loss, student, ema) = results["off"], results["aot_eager"]
+    assert len(eager_loss) == 3
+    torch.testing.assert_close(torch.tensor(compiled_loss), torch.tensor(eager_loss), rtol=1e-4, atol=1e-6)
+    assert student.keys() == eager_student.keys() and ema.keys() == eager_ema.keys()
+    for key in student:
+        torch.testing.assert_close(student[key], eager_student[key], rtol=1e-3, atol=1e-5)

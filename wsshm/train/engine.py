@@ -142,6 +142,8 @@ class Trainer:
         view = TrainingView(net)
         self.engine, _, _, _ = deepspeed.initialize(model=view, model_parameters=view.parameters(),
                                                     config=ds_config)
+        if self.args.compile != "off":
+            self.compile_networks()
         self.engine.checkpoint_engine = SafeCheckpointEngine(self.engine._config)
         # DeepSpeed copies its zero_to_fp32.py into every checkpoint; that script unpickles without
         # weights_only, and a checkpoint someone sends should not invite running code from it.
@@ -160,6 +162,17 @@ class Trainer:
         # waits for the GPU's queue of work, as an all-reduce of a CUDA tensor read back would.
         self.control_group = dist.new_group(backend="gloo")
         signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def compile_networks(self) -> None:
+        """``--compile``: DeepSpeed compiles its module in place (checkpoints and exports keep their
+        names), the stage its other networks. ``dynamic=False``: one graph per crop size, each with
+        kernels chosen for its shapes; the student and its teacher share the network's code, so the
+        recompile limit must hold two graphs per size."""
+        from wsshm.data.params import candidate_sizes
+        graphs = 2 * len(candidate_sizes(self.args.crop_sizes)) + 2
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, graphs)
+        self.engine.compile(backend=self.args.compile, compile_kwargs={"dynamic": False})
+        self.stage.compile(self.args.compile)
 
     def _on_sigterm(self, signum, frame) -> None:
         self.stop_requested = True

@@ -86,6 +86,10 @@ def build_parser(stage: str, default_config: str | None = None) -> argparse.Argu
                        help="ZeRO stage (default: the config's zero_optimization.stage, 1)")
     optim.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                        help="auto: bf16 on GPU, fp32 on CPU")
+    optim.add_argument("--compile", choices=["off", "inductor", "aot_eager"], default="off",
+                       help="torch.compile the network (and the student's frozen teacher) with this backend, "
+                            "one graph per crop size: inductor generates kernels (measure it: compiling costs "
+                            "time per size); aot_eager only traces, to check that a network compiles")
     optim.add_argument("--seed", type=int, default=0)
     optim.add_argument("--max-bad-steps", type=int, default=10,
                        help="stop after this many non-finite losses in a row")

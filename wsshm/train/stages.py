@@ -148,6 +148,9 @@ class Stage(abc.ABC):
     def prepare(self, device: torch.device, trained: nn.Module) -> None:
         """Build what the stage needs beside the trained network (the frozen teacher)."""
 
+    def compile(self, backend: str) -> None:
+        """``torch.compile`` the networks ``prepare`` built (the trained one is the engine's)."""
+
     @abc.abstractmethod
     def step(self, engine, batch: dict) -> StepOutput:
         """Forward and loss of one batch (fp32 inputs; the engine autocasts under bf16)."""
@@ -304,6 +307,10 @@ class StudentStage(Stage):
             keep = (BOUNDARY_HEAD,) if self.args.ema_scope == "trained" and not self.trains_boundary else ()
             self.ema = ModelEMA(teacher, momentum=self.args.ema_momentum, keep=keep)
         self.teacher = teacher  # fp32 like the trained network; bf16 compute through self.autocast
+
+    def compile(self, backend):
+        # in place: the EMA keeps updating the same parameters, and the export's names stay
+        self.teacher.compile(backend=backend, dynamic=False)
 
     def step(self, engine, batch):
         with torch.no_grad(), self.autocast(batch["weak"].device):
