@@ -146,10 +146,14 @@ def figures(out: Path, pseudo: dict, photos: Path, data: dict, models: dict, sho
             match = next(iter(photos.glob(key.split("/")[-1] + ".*")), None)
             image, mask = (read_image(match), None) if match else (np.zeros((8, 8, 3), np.uint8), None)
         axes[0, col].imshow(image)
-        axes[1, col].imshow(mask if mask is not None else np.zeros(image.shape[:2]), cmap="gray", vmin=0, vmax=255)
+        if mask is not None:
+            axes[1, col].imshow(mask, cmap="gray", vmin=0, vmax=255)
+        else:
+            axes[1, col].text(0.5, 0.5, "dropped:\nno mask written", ha="center", va="center", fontsize=8)
     for ax in axes.ravel():
         ax.axis("off")
-    fig.suptitle("pseudo labels of round 0 (row 2: mask; dropped ones are not written)", fontsize=9)
+    fig.suptitle("round 0's pseudo labels of unlabelled photos: the most, second most, median and least "
+                 "confident kept, the least confident dropped", fontsize=9)
     with atomic_path(out / "pseudo_labels.png") as tmp:
         fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
