@@ -93,9 +93,6 @@ def _loadable(tag_dir: Path, world_size: int = 1, zero_stage: int = 0) -> str | 
     files = sorted(tag_dir.glob("*.pt"))
     if not files:
         return "no checkpoint files"
-    missing = _missing_rank_files(files, world_size, zero_stage)
-    if missing:
-        return missing
     for path in files:
         try:
             with torch.serialization.safe_globals(_deepspeed_safe_globals()):
@@ -104,7 +101,7 @@ def _loadable(tag_dir: Path, world_size: int = 1, zero_stage: int = 0) -> str | 
             if isinstance(error, pickle.UnpicklingError) and "Weights only load failed" in str(error):
                 return f"{path.name}: holds objects other than tensors and plain data (not loaded: that could run code)"
             return f"{path.name}: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
-    return None
+    return _missing_rank_files(files, world_size, zero_stage)
 
 
 def resume_tag(checkpoint_dir: Path, world_size: int = 1, zero_stage: int = 0) -> tuple[str | None, list[str]]:
