@@ -36,7 +36,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.device_count() else
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fidelity_data  # noqa: E402  (bench/ beside this file)
 from bench_fidelity import Run, evaluate, train  # noqa: E402
-from fidelity_report import Timings, _eval_set, predict  # noqa: E402
+from fidelity_report import Timings, eval_set, mask_ious, predict  # noqa: E402
 from wsshm.atomic import atomic_path, write_json, write_text  # noqa: E402
 from wsshm.image import IMAGE_SUFFIXES  # noqa: E402
 from wsshm.train.launch import ROOT, StepFailed, run_logged, training_env  # noqa: E402
@@ -84,12 +84,7 @@ def per_photo(weights: Path, dataset: Path, target: Path, short_side: int, name:
     evaluate(weights, dataset, target, short_side, name, who=PROG)
     with open(target / "metrics.csv") as f:
         mse = {row["key"]: float(row["mse"]) for row in csv.DictReader(f)}
-    ious = {}
-    for sample, pred in zip(_eval_set(str(dataset)), predict(weights, dataset, short_side)):
-        a, b = pred > 0.5, sample.alpha > 0.5
-        union = np.logical_or(a, b).sum()
-        ious[sample.key] = float(np.logical_and(a, b).sum() / union) if union else 1.0
-    return {"mse": mse, "iou": ious}
+    return {"mse": mse, "iou": mask_ious(weights, dataset, short_side)}
 
 
 def confidence_check(weights: Path, dataset: Path, short_side: int, min_confidence: float) -> dict:
@@ -98,16 +93,14 @@ def confidence_check(weights: Path, dataset: Path, short_side: int, min_confiden
     confidence with IoU, and the mean IoU of the photos the filter would keep and drop."""
     from scipy.stats import spearmanr
     from wsshm.models import load_weights
-    from wsshm.pseudo_label import predict_with_scores
-    samples = _eval_set(str(dataset))
+    from wsshm.pseudo_label import agreement, predict_with_scores
+    samples = eval_set(str(dataset))
     net = load_weights(str(weights)).eval()
     results = predict_with_scores(net, [s.image for s in samples], 0.5, "flip", short_side=short_side)
     conf, iou = [], []
     for sample, (mask, scores) in zip(samples, results):
-        truth = sample.alpha > 0.5
-        union = np.logical_or(mask > 0, truth).sum()
         conf.append(scores["confidence"])
-        iou.append(float(np.logical_and(mask > 0, truth).sum() / union) if union else 1.0)
+        iou.append(agreement(mask, sample.alpha > 0.5))
     conf, iou = np.array(conf), np.array(iou)
     kept = conf >= min_confidence
     return {"spearman": float(spearmanr(conf, iou).statistic), "kept": int(kept.sum()), "photos": len(iou),
@@ -156,7 +149,7 @@ def figures(out: Path, pseudo: dict, photos: Path, data: dict, models: dict, sho
         fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
 
-    samples = _eval_set(str(data["ccp-heldout"]))[:4]
+    samples = eval_set(str(data["ccp-heldout"]))[:4]
     preds = {name: predict(weights, data["ccp-heldout"], short_side, count=4) for name, weights in models.items()}
     fig, axes = plt.subplots(len(samples), 2 + len(preds), figsize=(2.0 * (2 + len(preds)), 2.6 * len(samples)),
                              squeeze=False)

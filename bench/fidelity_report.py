@@ -18,6 +18,7 @@ from torch import nn
 from wsshm.atomic import atomic_path, write_json, write_text
 from wsshm.demo import PAPER_ORDERINGS
 from wsshm.models import split_output
+from wsshm.pseudo_label import agreement
 
 # The paper's numbers (P3M validation set, seg 10K + matte 200; MSE x1e3, whole and boundary region).
 PAPER_TABLE3 = {"seg-only": (6.676, 48.088), "teacher": (6.991, 32.553), "student": (4.391, 28.776)}
@@ -63,7 +64,7 @@ class BoundaryHead(nn.Module):
 
 
 @functools.lru_cache(maxsize=2)
-def _eval_set(dataset: str):
+def eval_set(dataset: str):
     from wsshm.evaluate import load_eval_set
     return load_eval_set(dataset)
 
@@ -75,17 +76,18 @@ def predict(weights: Path, dataset: Path, short_side: int, head: str = "matte", 
     from wsshm.models import load_weights
     net = load_weights(str(weights)).eval()
     net = BoundaryHead(net) if head == "boundary" else net
-    return predict_mattes(net, [s.image for s in _eval_set(str(dataset))[:count]], short_side=short_side)
+    return predict_mattes(net, [s.image for s in eval_set(str(dataset))[:count]], short_side=short_side)
+
+
+def mask_ious(weights: Path, dataset: Path, short_side: int) -> dict[str, float]:
+    """Each image's IoU of ``prediction > 0.5`` and ``label > 0.5`` (both empty: 1), by sample key."""
+    return {sample.key: agreement(pred > 0.5, sample.alpha > 0.5)
+            for sample, pred in zip(eval_set(str(dataset)), predict(weights, dataset, short_side))}
 
 
 def mask_iou(weights: Path, dataset: Path, short_side: int) -> float:
-    """Mean over images of the IoU of ``prediction > 0.5`` and ``label > 0.5`` (both empty: 1)."""
-    scores = []
-    for sample, pred in zip(_eval_set(str(dataset)), predict(weights, dataset, short_side)):
-        a, b = pred > 0.5, sample.alpha > 0.5
-        union = np.logical_or(a, b).sum()
-        scores.append(np.logical_and(a, b).sum() / union if union else 1.0)
-    return float(np.mean(scores))
+    """The mean of :func:`mask_ious` over the images."""
+    return float(np.mean(list(mask_ious(weights, dataset, short_side).values())))
 
 
 @functools.lru_cache(maxsize=2)  # the stage-1 teacher's, compared with every EMA teacher's
@@ -163,7 +165,7 @@ def sample_sheet(weights: dict[str, Path], dataset: Path, path: Path, short_side
     for the segmentation label), student."""
     from wsshm.losses import mlb_blend
     plt = _pyplot()
-    samples = _eval_set(str(dataset))[:count]
+    samples = eval_set(str(dataset))[:count]
     mattes = {name: predict(w, dataset, short_side, count=count) for name, w in weights.items()}
     boundaries = predict(weights["teacher"], dataset, short_side, "boundary", count=count)
     columns = ["image", "truth", "seg-only", "teacher", "blended label", "student"]

@@ -62,10 +62,14 @@ def default_device(name: str | None = None) -> torch.device:
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _positive(text: str) -> int:
-    value = int(text)
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1, else one line saying why."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
     return value
 
 
@@ -73,10 +77,10 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     """``--device``, ``--batch-size``, ``--precision``, ``--short-side`` of ``wsshm-predict`` and
     ``wsshm-pseudo-label``; :func:`runtime` resolves their defaults."""
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--batch-size", type=_positive, default=None, help="default: 16 on GPU, 1 on CPU")
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="default: 16 on GPU, 1 on CPU")
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default=None,
                         help="network compute precision; default fp16 on GPU, fp32 on CPU")
-    parser.add_argument("--short-side", type=_positive, default=SHORT_SIDE,
+    parser.add_argument("--short-side", type=positive_int, default=SHORT_SIDE,
                         help=f"test-time shorter side (SPEC: {SHORT_SIDE})")
 
 

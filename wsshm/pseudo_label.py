@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from wsshm.atomic import write_json
 from wsshm.image import read_image, write_png
-from wsshm.inference import PRECISIONS, SHORT_SIDE, add_runtime_options, predict_mattes, runtime
+from wsshm.inference import PRECISIONS, SHORT_SIDE, add_runtime_options, positive_int, predict_mattes, runtime
 from wsshm.models import load_weights
 from wsshm.shards.layout import ERRORS, MANIFEST
 from wsshm.shards.pairing import pair_folders
@@ -83,16 +83,6 @@ def _fraction(closed: bool):
     return parse
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description=__doc__.split("\n\n")[0],
                      epilog="example: wsshm-pseudo-label --weights runs/r0/student.safetensors "
@@ -107,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tta", choices=("none", "flip"), default="none",
                         help="flip: average with the mirrored prediction and score their agreement")
     add_runtime_options(parser)
-    parser.add_argument("--workers", type=_positive, default=max(1, min(8, os.cpu_count() or 1)),
+    parser.add_argument("--workers", type=positive_int, default=max(1, min(8, os.cpu_count() or 1)),
                         help="decoding processes of the shard conversion (default: CPU count, at most 8)")
     parser.add_argument("--overwrite", action="store_true", help="replace a folder that holds another conversion")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -46,18 +46,6 @@ class Mixture:
     sets: tuple[ShardSet, ...]
     weights: tuple[float, ...]
 
-    @property
-    def kind(self) -> str:
-        return self.sets[0].kind
-
-    @property
-    def folder(self) -> str:
-        """The folders, for messages."""
-        return " + ".join(s.folder for s in self.sets)
-
-    def __len__(self) -> int:
-        return sum(len(s) for s in self.sets)
-
     def identity(self) -> list[list]:
         """What a resumed loader must agree on: each folder's size and weight."""
         return [[len(s), w] for s, w in zip(self.sets, self.weights)]

@@ -109,4 +109,3 @@ def sample_order(num_samples: int, seed: int, epoch: int, source: int = 0) -> np
     a single-folder run has always made)."""
     # the fourth counter of the other folders stays clear of the (seed, step, rank, stream) draws
     return _rng(seed, epoch, 3, *([100 + source] if source else [])).permutation(num_samples)
-

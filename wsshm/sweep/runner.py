@@ -1,8 +1,8 @@
 """Running a shard's jobs: each stage through the launch scripts a hand-run training uses
 (``wsshm.train.launch``, as ``make demo`` does), each cell's model through ``wsshm-eval``.
 
-A stage whose final weights exist is reused; one killed mid-way continues with ``--resume`` when its
-``checkpoints/latest`` exists; an evaluation is redone when its ``metrics.json`` is older than the
+A stage whose final weights exist is reused; one killed mid-way continues with ``--resume`` when one
+of its checkpoints opens (else it starts again); an evaluation is redone when its ``metrics.json`` is older than the
 weights it scored (the stage was trained again).
 """
 from __future__ import annotations
