@@ -192,27 +192,64 @@ def test_resume_passes_over_a_truncated_newest_checkpoint(data, tmp_path, single
     assert steps == [1, 2, 3, 4, 5, 6, 7]
 
 
-def test_one_non_finite_step_is_skipped_and_a_run_of_them_stops(data, tmp_path, single_process, monkeypatch,
-                                                                 capsys):
+def _checkpoint_state(tag_dir: Path) -> dict:
+    """Every tensor and number a DeepSpeed checkpoint folder holds, by file and key path."""
+    flat = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}/{key}", item)
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                walk(f"{prefix}/{i}", item)
+        elif isinstance(value, (torch.Tensor, int, float)):
+            flat[prefix] = value
+
+    for file in sorted(tag_dir.glob("*.pt")):
+        walk(file.name, torch.load(file, map_location="cpu", weights_only=False))
+    return flat
+
+
+@pytest.mark.parametrize("zero", [0, 1, 3])
+def test_a_non_finite_step_makes_no_update_and_counts_and_a_run_of_them_stops(data, tmp_path, single_process,
+                                                                               monkeypatch, capsys, zero):
+    """Stages 1-3: DeepSpeed's own non-finite-norm check discards the step (no read-back by wsshm);
+    stage 0: wsshm reads the loss back and skips the step itself. Either way the weights, the
+    optimizer's state and the schedule are untouched, and the step counts, like the batch drawn."""
     real, calls = losses.pretrain_loss, []
 
-    def nan_on_second_call(P, S):
+    def nan_on_second_call(P, S):  # a NaN loss whose gradients are finite: wsshm must still skip it
         calls.append(1)
         loss = real(P, S)
-        return loss * math.nan if len(calls) == 2 else loss
+        return loss + math.nan if len(calls) == 2 else loss
 
     monkeypatch.setattr(losses, "pretrain_loss", nan_on_second_call)
-    with pytest.warns(UserWarning, match="non-finite loss at step 1: step skipped"):
-        code, _ = run_main("pretrain", pretrain_args(data, tmp_path / "once", "--steps", "3"), capsys)
-    assert code == 0 and len(calls) == 4  # 3 steps + 1 skipped
-    assert (tmp_path / "once" / "pretrain.safetensors").is_file()
+    out = tmp_path / "once"
+    with pytest.warns(UserWarning, match=r"step 2: non-finite loss or gradients, no update \(1 in a row"):
+        code, err = run_main("pretrain", pretrain_args(data, out, "--steps", "2", "--save-every", "1",
+                                                       "--zero-stage", str(zero)), capsys)
+    assert code == 0, err
+    assert len(calls) == 2 and (out / "pretrain.safetensors").is_file()
+    steps = [int(line.split(",")[0]) for line in (out / "loss.csv").read_text().splitlines()[1:]]
+    assert steps == [1]  # the skipped step is not logged
+    before, after = (_checkpoint_state(out / "checkpoints" / f"step{n:08d}") for n in (1, 2))
+    assert before.keys() == after.keys()
+    counters = ("global_steps", "global_samples", "skipped_steps", "/overflow", "/wsshm/step", "/loader/")
+    changed = sorted(key for key in before if not any(c in key for c in counters)
+                     and not (torch.equal(before[key], after[key]) if isinstance(before[key], torch.Tensor)
+                              else before[key] == after[key]))
+    # BatchNorm's running statistics saw the step's batch in the forward pass; nothing else changed
+    assert changed and all("running_" in key or "num_batches_tracked" in key for key in changed), changed
+    assert any("optim" in key or "optimizer" in key for key in before)  # the optimizer's state was compared
+    assert any("lr_scheduler" in key for key in before)
 
     monkeypatch.setattr(losses, "pretrain_loss", lambda P, S: real(P, S) * math.nan)
     with pytest.warns(UserWarning):
         code, err = run_main("pretrain", pretrain_args(data, tmp_path / "always", "--steps", "5",
-                                                       "--max-bad-steps", "3"), capsys)
+                                                       "--max-bad-steps", "3", "--zero-stage", str(zero)), capsys)
     assert code == 3
-    assert "3 non-finite losses in a row at step 0; stopping" in err
+    assert "3 steps in a row without an update (non-finite loss or gradients) at step 3; stopping" in err
     assert not (tmp_path / "always" / "pretrain.safetensors").exists()
 
 
@@ -308,3 +345,93 @@ def test_compiled_student_trains_as_the_eager_one(data, tmp_path, single_process
     assert student.keys() == eager_student.keys() and ema.keys() == eager_ema.keys()
     for key in student:
         torch.testing.assert_close(student[key], eager_student[key], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("stage, zero, reads_per_step", [("pretrain", 1, 0), ("teacher", 1, 0), ("student", 1, 0),
+                                                      ("pretrain", 0, 1)])
+def test_a_training_step_reads_nothing_back_from_the_device_but_on_logging_steps(data, tmp_path, single_process,
+                                                                                  monkeypatch, capsys, stage, zero,
+                                                                                  reads_per_step):
+    """Every read of a tensor's value by wsshm's own code inside ``Trainer.step`` would stall a GPU's
+    queue of work. Under ZeRO the step has none (DeepSpeed's own norm check decides on non-finite
+    steps); stage 0 reads its loss once. The loss is read on logging steps only, outside the step."""
+    import sys
+    from wsshm.train.engine import Trainer
+    reads, inside = [], []
+
+    def counting(name):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1)
+            if inside and caller.f_globals.get("__name__", "").startswith("wsshm"):
+                reads.append((inside[-1], name, caller.f_globals["__name__"], caller.f_lineno))
+            return real(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, read)
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu"):
+        counting(name)
+    real_step, real_log = Trainer.step, Trainer.log
+    logged = []
+
+    def step(self):
+        inside.append(self.engine.global_steps + 1)
+        try:
+            return real_step(self)
+        finally:
+            inside.pop()
+
+    def log(self, monitor, step, out, lr, seconds):
+        logged.append(step)
+        return real_log(self, monitor, step, out, lr, seconds)
+    monkeypatch.setattr(Trainer, "step", step)
+    monkeypatch.setattr(Trainer, "log", log)
+    from wsshm.models import build_model, save_weights
+    torch.manual_seed(0)
+    save_weights(build_model(ARCH), tmp_path / "teacher.safetensors")
+    inputs = {"pretrain": ["--seg", str(data["seg"])],
+              "teacher": ["--matte", str(data["matte"]), "--background", str(data["background"])],
+              "student": ["--seg", str(data["seg"]), "--teacher", str(tmp_path / "teacher.safetensors")]}[stage]
+    code, err = run_main(stage, ["--out", str(tmp_path / "run"), *inputs, "--arch", ARCH, "--crop-sizes", "32",
+                                 "--batch-size", "2", "--num-workers", "0", "--save-every", "0", "--steps", "4",
+                                 "--log-every", "2", "--zero-stage", str(zero)], capsys)
+    assert code == 0, err
+    assert logged == [1, 2, 3, 4]
+    per_step = {n: [r for r in reads if r[0] == n] for n in logged}
+    assert all(len(found) == reads_per_step for found in per_step.values()), reads
+    steps = [int(line.split(",")[0]) for line in (tmp_path / "run" / "loss.csv").read_text().splitlines()[1:]]
+    assert steps == [2, 4]
+
+
+def test_resume_after_a_skipped_step_gives_the_uninterrupted_weights(data, tmp_path, single_process, monkeypatch,
+                                                                     capsys):
+    """A step without an update still draws its batch and counts, so a resumed run reads the same
+    batches as an uninterrupted one."""
+    from wsshm.models import read_weights
+    real = losses.pretrain_loss
+
+    def nan_at(step):
+        calls = []
+
+        def loss(P, S):
+            calls.append(1)
+            return real(P, S) + (math.nan if len(calls) == step else 0.0)
+        return loss
+
+    monkeypatch.setattr(losses, "pretrain_loss", nan_at(2))
+    with pytest.warns(UserWarning, match="step 2: non-finite"):
+        code, err = run_main("pretrain", pretrain_args(data, tmp_path / "whole", "--steps", "5"), capsys)
+    assert code == 0, err
+    monkeypatch.setattr(losses, "pretrain_loss", nan_at(2))
+    with pytest.warns(UserWarning, match="step 2: non-finite"):
+        code, err = run_main("pretrain", pretrain_args(data, tmp_path / "split", "--steps", "3", "--save-every", "3"),
+                             capsys)
+    assert code == 0, err
+    monkeypatch.setattr(losses, "pretrain_loss", real)
+    code, err = run_main("pretrain", pretrain_args(data, tmp_path / "split", "--steps", "5", "--resume"), capsys)
+    assert code == 0, err
+    whole, _ = read_weights(tmp_path / "whole" / "pretrain.safetensors")
+    split, _ = read_weights(tmp_path / "split" / "pretrain.safetensors")
+    assert whole.keys() == split.keys()
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], rtol=0, atol=0, msg=name)

@@ -2,12 +2,17 @@
 
 Order of a run: distributed init -> configuration checks on rank 0 (one line and exit 2 on a
 mistake) -> networks, loader and ``deepspeed.initialize`` -> optional resume -> steps -> final
-checkpoint and safetensors export. Each step all-reduces one small tensor so that every rank agrees
-on the loss, on skipping a non-finite step and on stopping after SIGTERM.
+checkpoint and safetensors export.
+
+A step reads nothing back from the GPU that DeepSpeed does not read anyway: ZeRO's optimizer reads
+the gradient norm back and discards an update whose norm is not finite, so a non-finite loss is
+turned into NaN gradients and the decision is DeepSpeed's (``engine.was_step_applied()``). The loss
+itself is read only on logging steps, and the SIGTERM flag travels between the CPUs over gloo.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import sys
@@ -144,6 +149,7 @@ class Trainer:
                                                     config=ds_config)
         if self.args.compile != "off":
             self.compile_networks()
+        self.discards_non_finite = self.optimizer_discards_non_finite()
         self.engine.checkpoint_engine = SafeCheckpointEngine(self.engine._config)
         # DeepSpeed copies its zero_to_fp32.py into every checkpoint; that script unpickles without
         # weights_only, and a checkpoint someone sends should not invite running code from it.
@@ -247,7 +253,7 @@ class Trainer:
         return flag.item() > 0
 
     def agree_loss(self, loss: torch.Tensor) -> tuple[float, bool]:
-        """All ranks: (mean loss, whether any rank's loss is non-finite)."""
+        """All ranks: (mean loss, whether any rank's loss is non-finite). Reads back from the GPU."""
         local = loss.detach().float().reshape(())
         flags = torch.stack([torch.nan_to_num(local, nan=0.0, posinf=0.0, neginf=0.0),
                              (~torch.isfinite(local)).float()])
@@ -255,22 +261,53 @@ class Trainer:
         total, bad = flags.tolist()
         return total / self.world, bad > 0
 
+    def optimizer_discards_non_finite(self) -> bool:
+        """ZeRO 1-3 compute the gradient norm (unless a config turns that off for stages 1-2) and skip
+        the update, the optimizer state and the schedule when it is not finite; stage 0 does not."""
+        stage = self.engine.zero_optimization_stage()
+        return stage == 3 or (stage in (1, 2) and getattr(self.engine.optimizer, "compute_grad_norm", True))
+
     def step(self):
-        """One training step on the next batch: ``(StepOutput, mean loss, non-finite)``. A step whose
-        loss is non-finite on any rank is not taken (no backward, no update)."""
+        """One training step on the next batch: ``(StepOutput, applied)``. A step whose loss (or
+        gradient) is non-finite on any rank makes no update on any rank, and still counts as a step,
+        as DeepSpeed counts its skipped steps: the step number stays the number of batches drawn,
+        which is what the loader resumes from."""
         self.engine.train()
         batch = next(self.loader)
         if self.on_gpu:  # cuDNN's NHWC kernels (tensor cores); the weights may stay NCHW
             batch = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v
                      for k, v in batch.items()}
         out = self.stage.step(self.engine, batch)
-        loss, bad = self.agree_loss(out.loss)
-        if not bad:
-            self.engine.backward(out.loss)
+        if self.discards_non_finite:
+            # NaN * 0 is NaN: every gradient of a non-finite loss becomes NaN, ZeRO's reductions carry
+            # it to every rank, and each rank's optimizer sees the same non-finite norm.
+            finite = torch.isfinite(out.loss.detach())
+            self.engine.backward(out.loss * torch.where(finite, 1.0, math.nan))
             self.engine.step()
+            applied = self.engine.was_step_applied()
+        else:
+            applied = not self.agree_loss(out.loss)[1]
+            if applied:
+                self.engine.backward(out.loss)
+                self.engine.step()
+            else:  # counted as DeepSpeed counts a step its own optimizer skips
+                self.engine.global_steps += 1
+                self.engine.global_samples += self.engine.train_batch_size()
+                self.engine.skipped_steps += 1
+        if applied:
             self.average_buffers()
             self.stage.after_step(self.engine)
-        return out, loss, bad
+        return out, applied
+
+    def log(self, monitor: Monitor, step: int, out, lr: float, seconds: float) -> None:
+        """The progress bar every step; on logging steps the loss (the only time the loop reads it
+        back from the GPU), the stage's terms and, every ``--image-every`` steps, pictures."""
+        log_now = step % self.args.log_every == 0
+        loss = self.agree_loss(out.loss)[0] if log_now else None
+        terms = self.stage.terms(out.view) if log_now and self.rank == 0 else {}
+        monitor.step(step, loss, terms, lr, self.args.batch_size / max(seconds, 1e-9), log=log_now)
+        if self.args.image_every and step % self.args.image_every == 0 and self.rank == 0:
+            monitor.images(step, self.stage.pictures(out.view))
 
     def train(self) -> int:
         monitor = Monitor(self.out / "tb", self.out / "loss.csv", enabled=self.rank == 0,
@@ -288,30 +325,24 @@ class Trainer:
                               f"continue with --resume", file=sys.stderr, flush=True)
                     return EXIT_TERMINATED
                 lr = self.engine.get_lr()[0]
-                out, loss, bad = self.step()
-                if bad:
+                out, applied = self.step()
+                step = self.engine.global_steps
+                if applied:
+                    self.bad_in_a_row = 0
+                    self.log(monitor, step, out, lr, time.perf_counter() - tick)
+                else:
                     self.bad_in_a_row += 1
                     if self.rank == 0:
-                        warnings.warn(f"non-finite loss at step {self.engine.global_steps}: step skipped "
+                        warnings.warn(f"step {step}: non-finite loss or gradients, no update "
                                       f"({self.bad_in_a_row} in a row, limit {self.args.max_bad_steps})")
-                    del out
                     if self.bad_in_a_row >= self.args.max_bad_steps:
                         if self.rank == 0:
-                            print(f"wsshm {self.stage.name}: error: {self.bad_in_a_row} non-finite losses in a "
-                                  f"row at step {self.engine.global_steps}; stopping (lower --lr, check the "
-                                  f"data, or resume from {self.ckpt_dir})", file=sys.stderr, flush=True)
+                            print(f"wsshm {self.stage.name}: error: {self.bad_in_a_row} steps in a row without an "
+                                  f"update (non-finite loss or gradients) at step {step}; stopping (lower --lr, "
+                                  f"check the data, or resume from {self.ckpt_dir})", file=sys.stderr, flush=True)
                         return EXIT_NON_FINITE
-                    continue
-                self.bad_in_a_row = 0
-                step = self.engine.global_steps
-                now = time.perf_counter()
-                images_per_s = self.args.batch_size / max(now - tick, 1e-9)
-                tick = now
-                log_now = step % self.args.log_every == 0
-                terms = self.stage.terms(out.view) if log_now and self.rank == 0 else {}
-                monitor.step(step, loss, terms, lr, images_per_s, log=log_now)
-                if self.args.image_every and step % self.args.image_every == 0 and self.rank == 0:
-                    monitor.images(step, self.stage.pictures(out.view))
+                del out
+                tick = time.perf_counter()
                 if self.args.save_every and step % self.args.save_every == 0:
                     self.save()
                     last_saved = step

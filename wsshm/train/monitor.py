@@ -49,11 +49,15 @@ class Monitor:
         self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, mininterval=1.0)
         self.smoothed = None
 
-    def step(self, step: int, loss: float, terms: dict, lr: float, images_per_s: float, log: bool) -> None:
+    def step(self, step: int, loss: float | None, terms: dict, lr: float, images_per_s: float,
+             log: bool) -> None:
+        """``loss`` is None between logging steps: the loop reads it back from the GPU only then."""
         if not self.enabled:
             return
-        self.smoothed = loss if self.smoothed is None else 0.9 * self.smoothed + 0.1 * loss
-        self.bar.set_postfix({"loss": f"{self.smoothed:.4f}", **{k: f"{v:.4f}" for k, v in terms.items()},
+        if loss is not None:
+            self.smoothed = loss if self.smoothed is None else 0.9 * self.smoothed + 0.1 * loss
+        shown = {} if self.smoothed is None else {"loss": f"{self.smoothed:.4f}"}
+        self.bar.set_postfix({**shown, **{k: f"{v:.4f}" for k, v in terms.items()},
                               "lr": f"{lr:.2e}", "img/s": f"{images_per_s:.1f}"}, refresh=False)
         self.bar.update(step - self.bar.n)
         if log:
