@@ -211,12 +211,13 @@ def _checkpoint_state(tag_dir: Path) -> dict:
     return flat
 
 
-@pytest.mark.parametrize("zero", [0, 1, 3])
+@pytest.mark.parametrize("zero, precision", [(0, "fp32"), (1, "fp32"), (3, "fp32"), (1, "bf16")])
 def test_a_non_finite_step_makes_no_update_and_counts_and_a_run_of_them_stops(data, tmp_path, single_process,
-                                                                               monkeypatch, capsys, zero):
+                                                                               monkeypatch, capsys, zero, precision):
     """Stages 1-3: DeepSpeed's own non-finite-norm check discards the step (no read-back by wsshm);
     stage 0: wsshm reads the loss back and skips the step itself. Either way the weights, the
-    optimizer's state and the schedule are untouched, and the step counts, like the batch drawn."""
+    optimizer's state and the schedule are untouched, and the step counts, like the batch drawn.
+    bf16 (autocast, the GPU's default) keeps fp32 masters, which DeepSpeed checks the same way."""
     real, calls = losses.pretrain_loss, []
 
     def nan_on_second_call(P, S):  # a NaN loss whose gradients are finite: wsshm must still skip it
@@ -228,7 +229,7 @@ def test_a_non_finite_step_makes_no_update_and_counts_and_a_run_of_them_stops(da
     out = tmp_path / "once"
     with pytest.warns(UserWarning, match=r"step 2: non-finite loss or gradients, no update \(1 in a row"):
         code, err = run_main("pretrain", pretrain_args(data, out, "--steps", "2", "--save-every", "1",
-                                                       "--zero-stage", str(zero)), capsys)
+                                                       "--zero-stage", str(zero), "--precision", precision), capsys)
     assert code == 0, err
     assert len(calls) == 2 and (out / "pretrain.safetensors").is_file()
     steps = [int(line.split(",")[0]) for line in (out / "loss.csv").read_text().splitlines()[1:]]
