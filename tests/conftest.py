@@ -1,4 +1,4 @@
-"""Fixtures shared by the test files that start multi-process runs."""
+"""Fixtures shared by test files: once-per-run folders and locks for multi-process runs, checkpoint comparison."""
 import contextlib
 import fcntl
 import os
@@ -29,3 +29,41 @@ def one_run_at_a_time(shared):
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
     return lock
+
+
+def _checkpoint_state(tag_dir: Path) -> dict:
+    """Every tensor and number a DeepSpeed checkpoint folder holds, by file and key path."""
+    import torch
+    flat = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}/{key}", item)
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                walk(f"{prefix}/{i}", item)
+        elif isinstance(value, (torch.Tensor, int, float)):
+            flat[prefix] = value
+
+    for file in sorted(tag_dir.glob("*.pt")):
+        walk(file.name, torch.load(file, map_location="cpu", weights_only=False))
+    return flat
+
+
+@pytest.fixture
+def changed_between_checkpoints():
+    """``(changed, compared)``: the keys whose value differs between two checkpoint folders, less the
+    counters a step moves even without an update, and every key compared."""
+    import torch
+    counters = ("global_steps", "global_samples", "skipped_steps", "/overflow", "/wsshm/step", "/loader/")
+
+    def compare(before_dir: Path, after_dir: Path) -> tuple[list[str], list[str]]:
+        before, after = _checkpoint_state(before_dir), _checkpoint_state(after_dir)
+        assert before.keys() == after.keys()
+        compared = [key for key in before if not any(c in key for c in counters)]
+        changed = sorted(key for key in compared
+                         if not (torch.equal(before[key], after[key]) if isinstance(before[key], torch.Tensor)
+                                 else before[key] == after[key]))
+        return changed, compared
+    return compare

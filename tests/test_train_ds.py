@@ -177,3 +177,43 @@ def test_bf16_training_saves_the_fp32_master_weights(pipeline, shared, one_run_a
     assert floats and all(t.dtype == torch.float32 for t in floats.values())
     rounded = [k for k, t in floats.items() if torch.equal(t.bfloat16().float(), t)]
     assert len(rounded) < len(floats) // 10, rounded[:5]  # not bf16 values stored as fp32
+
+
+NAN_ON_ONE_RANK = '''
+import os
+if os.environ.get("RANK") == os.environ.get("WSSHM_TEST_NAN_RANK"):
+    import wsshm.losses as losses
+    real, calls = losses.pretrain_loss, []
+
+    def nan_on_second_call(P, S):
+        calls.append(1)
+        return real(P, S) + (float("nan") if len(calls) == 2 else 0.0)
+    losses.pretrain_loss = nan_on_second_call
+'''
+
+
+@pytest.mark.parametrize("zero", [1, 0])
+def test_a_non_finite_loss_on_one_rank_skips_the_step_on_both(pipeline, tmp_path, one_run_at_a_time,
+                                                               changed_between_checkpoints, zero):
+    """Rank 1 alone gets a NaN loss (with finite gradients) at step 2. ZeRO 1: wsshm reads nothing
+    back; the NaN gradients reach both ranks' partitions through ZeRO's reduction and both skip.
+    Stage 0: the ranks agree on the loss. Either way no rank's weights or optimizer state move."""
+    _, data = pipeline
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(NAN_ON_ONE_RANK)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+           str(ROOT / "launch" / LAUNCH_SCRIPTS["pretrain"]), *COMMON, "--zero-stage", str(zero),
+           "--out", str(out), "--seg", str(data["seg"]), "--steps", "2", "--save-every", "1"]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "WSSHM_TEST_NAN_RANK": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "inject"), os.environ.get("PYTHONPATH")]))}
+    with one_run_at_a_time():
+        output = finish(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                         text=True, start_new_session=True))
+    assert "step 2: non-finite loss or gradients, no update" in output, output[-4000:]
+    changed, compared = changed_between_checkpoints(out / "checkpoints" / "step00000001",
+                                                    out / "checkpoints" / "step00000002")
+    assert any("zero_pp_rank_1" in key for key in compared) == (zero == 1)  # rank 1's optimizer partition
+    assert changed and all("running_" in key or "num_batches_tracked" in key for key in changed), changed
+    steps = [int(r.split(",")[0]) for r in (out / "loss.csv").read_text().splitlines()[1:]]
+    assert steps == [1]
