@@ -10,7 +10,7 @@ fp32 (docs/training.md). This scores the same weights on each ``--data`` folder 
 sets of statistics:
 
 * ``stored``: as training left them (fp32);
-* ``rounded``: the stored ones rounded to bf16 once;
+* ``rounded once to bf16``: the stored ones, rounded once;
 * with ``--track SEG``, statistics re-estimated at the same weights from ``--batches`` training
   batches (the pre-training loader on ``SEG``: augmented crops), after a reset:
   ``fp32 running`` (the momentum update in fp32, what wsshm keeps), ``bf16 running`` (the same update

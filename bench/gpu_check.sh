@@ -6,10 +6,10 @@
 #   bash bench/gpu_check.sh              # on a machine with an NVIDIA GPU (about 10 minutes at most)
 #   bash bench/gpu_check.sh --dry-run    # anywhere: the same steps on the CPU with the existing .venv
 #
-# Every step runs under a timeout inside one overall budget (GPU_CHECK_BUDGET_S, default 570 s); a
-# failing step is reported loudly and the next one still runs. The whole log and a Markdown summary
-# go to $OUT (when set) or runs/gpu_check/: gpu_check.log and summary.md. Exit status: 0 only when
-# every step passed.
+# Every step runs under a timeout inside one overall budget (GPU_CHECK_BUDGET_S, default 570 s, 1200 s
+# with --dry-run); a failing step is reported loudly and the next one still runs. The whole log and a
+# Markdown summary go to $OUT (when set) or runs/gpu_check/: gpu_check.log and summary.md. Exit
+# status: 0 only when every step passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

@@ -32,11 +32,17 @@ def test_the_three_estimates_follow_their_update_rules():
     torch.testing.assert_close(running.running_mean, torch.tensor([expected]))
     assert not running.training  # returned in evaluation mode
 
-    stored = bn.track_statistics(model, batches, "bf16 running")[0]
-    value = stored.running_mean.item()
-    assert value == torch.tensor(value).bfloat16().float().item()  # a bf16 value
-    # near 1.3 a bf16 step is 2^-7: 0.1 x the last batches' 0.01-per-batch drift is lost every time
-    assert abs(value - expected) > 2 ** -8
+    # A slow drift (0.001 per batch): the fp32 average lags it by ~0.01, so each update is ~0.001,
+    # below half a bf16 step near 1 (2^-8): a bf16 buffer stalls until the drift adds up.
+    slow = batches_of([1.0 + 0.001 * i for i in range(60)])
+    tracked = bn.track_statistics(model, slow, "fp32 running")[0].running_mean.item()
+    stored = bn.track_statistics(model, slow, "bf16 running")[0].running_mean.item()
+    simulated = torch.tensor(0.0)
+    for x in slow:
+        simulated = (0.9 * simulated + 0.1 * x.mean()).bfloat16().float()
+    assert stored == torch.tensor(stored).bfloat16().float().item()  # a bf16 value
+    assert abs(stored - simulated.item()) <= 2 ** -7  # the bf16 recursion, to within one step
+    assert tracked - stored > 2 * 2 ** -7  # lost updates: the stored value lags by several steps
     assert model[0].running_mean.item() == 0.0  # the network given is left as it was
 
 

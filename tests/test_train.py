@@ -245,6 +245,18 @@ def test_student_of_another_architecture_trains_without_ema(data, tmp_path, sing
     assert '"ema": false' in info and '"teacher_arch": "unet_r18_w0.5"' in info
 
 
+def test_which_deepspeed_configs_skip_a_non_finite_step_themselves():
+    from wsshm.train.engine import Trainer
+    discards = Trainer.optimizer_discards_non_finite
+    assert [discards({"zero_optimization": {"stage": n}}) for n in (0, 1, 2, 3)] == [False, True, True, True]
+    assert not discards({})
+    assert not discards({"zero_optimization": {"stage": 1, "compute_grad_norm": False}})
+    assert discards({"zero_optimization": {"stage": 3, "compute_grad_norm": False}})  # stage 3 always checks
+    assert not discards({"zero_optimization": {"stage": 3, "offload_optimizer": {"super_offload": True}}})
+    assert not discards({"zero_optimization": {"stage": 2, "zenflow": {"topk_ratio": 0.1}}})
+    assert discards({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}})
+
+
 def test_bf16_training_keeps_fp32_batchnorm_statistics(data, tmp_path, single_process, capsys):
     """bf16 compute (autocast) must leave BatchNorm's running mean and variance in fp32: the eval-mode
     network uses them everywhere, and bf16 holds ~3 significant digits (bench/bn_statistics.py)."""
@@ -330,9 +342,9 @@ def test_compiled_student_trains_as_the_eager_one(data, tmp_path, single_process
 def test_a_training_step_reads_nothing_back_from_the_device_but_on_logging_steps(data, tmp_path, single_process,
                                                                                   monkeypatch, capsys, stage, zero,
                                                                                   reads_per_step):
-    """Every read of a tensor's value by wsshm's own code inside ``Trainer.step`` would stall a GPU's
-    queue of work. Under ZeRO the step has none (DeepSpeed's own norm check decides on non-finite
-    steps); stage 0 reads its loss once. The loss is read on logging steps only, outside the step."""
+    """Every read of a tensor's value by wsshm's own code in the loop would stall a GPU's queue of
+    work. Under ZeRO the step has none (DeepSpeed's own norm check decides on non-finite steps);
+    stage 0 reads its loss once. The logging after a step reads the loss on logging steps only."""
     import sys
     from wsshm.train.engine import Trainer
     reads, inside = [], []
@@ -343,7 +355,7 @@ def test_a_training_step_reads_nothing_back_from_the_device_but_on_logging_steps
         def read(self, *args, **kwargs):
             caller = sys._getframe(1)
             if inside and caller.f_globals.get("__name__", "").startswith("wsshm"):
-                reads.append((inside[-1], name, caller.f_globals["__name__"], caller.f_lineno))
+                reads.append((*inside[-1], name, caller.f_globals["__name__"], caller.f_lineno))
             return real(self, *args, **kwargs)
         monkeypatch.setattr(torch.Tensor, name, read)
 
@@ -353,7 +365,7 @@ def test_a_training_step_reads_nothing_back_from_the_device_but_on_logging_steps
     logged = []
 
     def step(self):
-        inside.append(self.engine.global_steps + 1)
+        inside.append(("step", self.engine.global_steps + 1))
         try:
             return real_step(self)
         finally:
@@ -361,7 +373,11 @@ def test_a_training_step_reads_nothing_back_from_the_device_but_on_logging_steps
 
     def log(self, monitor, step, out, lr, seconds):
         logged.append(step)
-        return real_log(self, monitor, step, out, lr, seconds)
+        inside.append(("log", step))
+        try:
+            return real_log(self, monitor, step, out, lr, seconds)
+        finally:
+            inside.pop()
     monkeypatch.setattr(Trainer, "step", step)
     monkeypatch.setattr(Trainer, "log", log)
     from wsshm.models import build_model, save_weights
@@ -375,16 +391,18 @@ def test_a_training_step_reads_nothing_back_from_the_device_but_on_logging_steps
                                  "--log-every", "2", "--zero-stage", str(zero)], capsys)
     assert code == 0, err
     assert logged == [1, 2, 3, 4]
-    per_step = {n: [r for r in reads if r[0] == n] for n in logged}
-    assert all(len(found) == reads_per_step for found in per_step.values()), reads
+    in_step = {n: [r for r in reads if r[:2] == ("step", n)] for n in logged}
+    assert all(len(found) == reads_per_step for found in in_step.values()), reads
+    in_log = {n: [r for r in reads if r[:2] == ("log", n)] for n in logged}
+    assert not in_log[1] and not in_log[3] and in_log[2] and in_log[4], reads  # --log-every 2
     steps = [int(line.split(",")[0]) for line in (tmp_path / "run" / "loss.csv").read_text().splitlines()[1:]]
     assert steps == [2, 4]
 
 
 def test_resume_after_a_skipped_step_gives_the_uninterrupted_weights(data, tmp_path, single_process, monkeypatch,
                                                                      capsys):
-    """A step without an update still draws its batch and counts, so a resumed run reads the same
-    batches as an uninterrupted one."""
+    """A step without an update still counts (as DeepSpeed counts the steps its optimizer skips), in
+    the checkpoint too: a run resumed after one ends with the uninterrupted run's weights."""
     from wsshm.models import read_weights
     real = losses.pretrain_loss
 

@@ -149,7 +149,7 @@ class Trainer:
                                                     config=ds_config)
         if self.args.compile != "off":
             self.compile_networks()
-        self.discards_non_finite = self.optimizer_discards_non_finite()
+        self.discards_non_finite = self.optimizer_discards_non_finite(ds_config)
         self.engine.checkpoint_engine = SafeCheckpointEngine(self.engine._config)
         # DeepSpeed copies its zero_to_fp32.py into every checkpoint; that script unpickles without
         # weights_only, and a checkpoint someone sends should not invite running code from it.
@@ -261,17 +261,22 @@ class Trainer:
         total, bad = flags.tolist()
         return total / self.world, bad > 0
 
-    def optimizer_discards_non_finite(self) -> bool:
-        """ZeRO 1-3 compute the gradient norm (unless a config turns that off for stages 1-2) and skip
-        the update, the optimizer state and the schedule when it is not finite; stage 0 does not."""
-        stage = self.engine.zero_optimization_stage()
-        return stage == 3 or (stage in (1, 2) and getattr(self.engine.optimizer, "compute_grad_norm", True))
+    @staticmethod
+    def optimizer_discards_non_finite(ds_config: dict) -> bool:
+        """Whether DeepSpeed's optimizer itself skips an update whose gradient norm is not finite
+        (leaving weights, optimizer state and schedule alone): ZeRO 1-3 compute that norm, unless a
+        config turns it off for stages 1-2; stage 0 does not. SuperOffload and ZenFlow update during
+        the backward pass, before the norm is known, so they are left to wsshm's own check."""
+        zero = ds_config.get("zero_optimization") or {}
+        stage = int(zero.get("stage", 0))
+        if zero.get("zenflow") or (zero.get("offload_optimizer") or {}).get("super_offload"):
+            return False
+        return stage == 3 or (stage in (1, 2) and zero.get("compute_grad_norm", True))
 
     def step(self):
-        """One training step on the next batch: ``(StepOutput, applied)``. A step whose loss (or
-        gradient) is non-finite on any rank makes no update on any rank, and still counts as a step,
-        as DeepSpeed counts its skipped steps: the step number stays the number of batches drawn,
-        which is what the loader resumes from."""
+        """One training step on the next batch: ``(StepOutput, applied)``. A step whose loss is
+        non-finite on any rank (or, when DeepSpeed checks, whose gradient is) makes no update on any
+        rank, and still counts as a step, as DeepSpeed counts the steps its optimizer skips."""
         self.engine.train()
         batch = next(self.loader)
         if self.on_gpu:  # cuDNN's NHWC kernels (tensor cores); the weights may stay NCHW

@@ -47,16 +47,17 @@ class Monitor:
         self.csv_file = open_no_follow(csv_path, "a" if resumed else "w", newline="")
         self.csv = csv.writer(self.csv_file)
         self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, mininterval=1.0)
-        self.smoothed = None
+        self.shown_loss = None
 
     def step(self, step: int, loss: float | None, terms: dict, lr: float, images_per_s: float,
              log: bool) -> None:
-        """``loss`` is None between logging steps: the loop reads it back from the GPU only then."""
+        """``loss`` is None between logging steps: the loop reads it back from the GPU only then, and
+        the bar shows the last logged value."""
         if not self.enabled:
             return
         if loss is not None:
-            self.smoothed = loss if self.smoothed is None else 0.9 * self.smoothed + 0.1 * loss
-        shown = {} if self.smoothed is None else {"loss": f"{self.smoothed:.4f}"}
+            self.shown_loss = loss
+        shown = {} if self.shown_loss is None else {"loss": f"{self.shown_loss:.4f}"}
         self.bar.set_postfix({**shown, **{k: f"{v:.4f}" for k, v in terms.items()},
                               "lr": f"{lr:.2e}", "img/s": f"{images_per_s:.1f}"}, refresh=False)
         self.bar.update(step - self.bar.n)
