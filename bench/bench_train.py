@@ -263,8 +263,8 @@ def main(argv=None) -> int:
     ap.add_argument("--stages", nargs="+", choices=STAGE_ORDER, default=list(STAGE_ORDER))
     ap.add_argument("--crop", type=int, help="crop side, a multiple of 32 (default 512, quick 64)")
     ap.add_argument("--batch", type=int, help="default 16 (quick 4)")
-    ap.add_argument("--warmup", type=int, help="untimed steps (default 3, quick 2)")
-    ap.add_argument("--steps", type=int, help="timed steps (default 10, quick 8)")
+    ap.add_argument("--warmup", type=int, help="untimed steps (default 3, quick 4)")
+    ap.add_argument("--steps", type=int, help="timed steps (default 10, quick 24)")
     ap.add_argument("--loader-batches", type=int, help="timed batches of the loader alone (default 2 x steps)")
     ap.add_argument("--workers", type=int, help="DataLoader workers of both loaders (default 8, quick 2)")
     ap.add_argument("--threads", type=int, help=f"torch threads (default: all on CUDA, {CPU_THREADS} on a CPU)")
@@ -275,7 +275,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data", help="folder with matte/, background/, seg/ shard folders (default: demo shards)")
     args = ap.parse_args(argv)
     small = args.quick or not _CUDA
-    defaults = dict(archs=["unet_r18_w0.25"], crop=64, batch=4, warmup=2, steps=8, workers=2) if small else \
+    # 24 steps: at toy sizes on a shared CPU a step's time moves by a third from one to the next
+    defaults = dict(archs=["unet_r18_w0.25"], crop=64, batch=4, warmup=4, steps=24, workers=2) if small else \
         dict(archs=["unet_r18_w0.5", "unet_r101"], crop=512, batch=16, warmup=3, steps=10, workers=8)
     for key, value in {**defaults, "loader_batches": 2 * (args.steps or defaults["steps"])}.items():
         if getattr(args, key) is None:
