@@ -6,8 +6,9 @@ checkpoint and safetensors export.
 
 A step reads nothing back from the GPU that DeepSpeed does not read anyway: ZeRO's optimizer reads
 the gradient norm back and discards an update whose norm is not finite, so a non-finite loss is
-turned into NaN gradients and the decision is DeepSpeed's (``engine.was_step_applied()``). The loss
-itself is read only on logging steps, and the SIGTERM flag travels between the CPUs over gloo.
+turned into NaN gradients and the decision is DeepSpeed's (``engine.was_step_applied()``). Where
+DeepSpeed does not check (ZeRO 0, SuperOffload, ZenFlow) the loss is read before the backward pass.
+Otherwise it is read only on logging steps; the SIGTERM flag travels between the CPUs over gloo.
 """
 from __future__ import annotations
 
