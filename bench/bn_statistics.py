@@ -48,21 +48,20 @@ def statistics(model: nn.Module) -> torch.Tensor:
     return torch.cat([torch.cat([m.running_mean.float(), m.running_var.float()]) for m in batch_norms(model)])
 
 
+def _store_in_bf16(module, *hook_args) -> None:
+    """Keep only what a bf16 buffer can hold of ``module``'s statistics; as a forward hook, after
+    BatchNorm's own update (fp32 arithmetic)."""
+    with torch.no_grad():
+        for stat in (module.running_mean, module.running_var):
+            stat.copy_(stat.bfloat16().float())
+
+
 def round_statistics_to_bf16(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose BatchNorm running statistics are rounded to bf16 (stored as fp32)."""
     rounded = copy.deepcopy(model)
-    with torch.no_grad():
-        for module in batch_norms(rounded):
-            for stat in (module.running_mean, module.running_var):
-                stat.copy_(stat.bfloat16().float())
+    for module in batch_norms(rounded):
+        _store_in_bf16(module)
     return rounded
-
-
-def _store_in_bf16(module, inputs, output) -> None:
-    """After BatchNorm's own update (fp32 arithmetic): keep only what a bf16 buffer can hold."""
-    with torch.no_grad():
-        module.running_mean.copy_(module.running_mean.bfloat16().float())
-        module.running_var.copy_(module.running_var.bfloat16().float())
 
 
 def track_statistics(model: nn.Module, batches: list[torch.Tensor], kind: str) -> nn.Module:
@@ -75,9 +74,7 @@ def track_statistics(model: nn.Module, batches: list[torch.Tensor], kind: str) -
         module.reset_running_stats()
         if kind == "fp32 recomputed":
             module.momentum = None  # a cumulative moving average: the plain mean over the batches
-        elif kind == "bf16 running":
-            module.running_mean.copy_(module.running_mean.bfloat16().float())
-            module.running_var.copy_(module.running_var.bfloat16().float())
+        elif kind == "bf16 running":  # the reset values, 0 and 1, are bf16 values already
             hooks.append(module.register_forward_hook(_store_in_bf16))
     tracked.train()
     with torch.no_grad():

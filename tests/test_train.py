@@ -43,6 +43,19 @@ def pretrain_args(data, out, *extra):
             "--batch-size", "2", "--num-workers", "0", "--save-every", "0", "--log-every", "1", *extra]
 
 
+REAL_PRETRAIN_LOSS = losses.pretrain_loss
+
+
+def nan_loss_at(call: int):
+    """The pre-training loss, NaN on its ``call``-th call: a NaN loss whose gradients are finite, which
+    wsshm must still skip. ``.calls`` counts the calls."""
+    def loss(P, S):
+        loss.calls += 1
+        return REAL_PRETRAIN_LOSS(P, S) + (math.nan if loss.calls == call else 0.0)
+    loss.calls = 0
+    return loss
+
+
 def test_ds_config_takes_batch_lr_schedule_and_precision_from_the_command_line():
     args = build_parser("teacher").parse_args(
         ["--out", "x", "--matte", "m", "--background", "b", "--batch-size", "16", "--steps", "300",
@@ -200,20 +213,14 @@ def test_a_non_finite_step_makes_no_update_and_counts_and_a_run_of_them_stops(da
     stage 0: wsshm reads the loss back and skips the step itself. Either way the weights, the
     optimizer's state and the schedule are untouched, and the step counts, like the batch drawn.
     bf16 (autocast, the GPU's default) keeps fp32 masters, which DeepSpeed checks the same way."""
-    real, calls = losses.pretrain_loss, []
-
-    def nan_on_second_call(P, S):  # a NaN loss whose gradients are finite: wsshm must still skip it
-        calls.append(1)
-        loss = real(P, S)
-        return loss + math.nan if len(calls) == 2 else loss
-
+    nan_on_second_call = nan_loss_at(2)
     monkeypatch.setattr(losses, "pretrain_loss", nan_on_second_call)
     out = tmp_path / "once"
     with pytest.warns(UserWarning, match=r"step 2: non-finite loss or gradients, no update \(1 in a row"):
         code, err = run_main("pretrain", pretrain_args(data, out, "--steps", "2", "--save-every", "1",
                                                        "--zero-stage", str(zero), "--precision", precision), capsys)
     assert code == 0, err
-    assert len(calls) == 2 and (out / "pretrain.safetensors").is_file()
+    assert nan_on_second_call.calls == 2 and (out / "pretrain.safetensors").is_file()
     steps = [int(line.split(",")[0]) for line in (out / "loss.csv").read_text().splitlines()[1:]]
     assert steps == [1]  # the skipped step is not logged
     changed, compared = changed_between_checkpoints(out / "checkpoints" / "step00000001",
@@ -222,7 +229,7 @@ def test_a_non_finite_step_makes_no_update_and_counts_and_a_run_of_them_stops(da
     assert changed and all("running_" in key or "num_batches_tracked" in key for key in changed), changed
     assert any("optim" in key for key in compared) and any("lr_scheduler" in key for key in compared)
 
-    monkeypatch.setattr(losses, "pretrain_loss", lambda P, S: real(P, S) * math.nan)
+    monkeypatch.setattr(losses, "pretrain_loss", lambda P, S: REAL_PRETRAIN_LOSS(P, S) * math.nan)
     with pytest.warns(UserWarning):
         code, err = run_main("pretrain", pretrain_args(data, tmp_path / "always", "--steps", "5",
                                                        "--max-bad-steps", "3", "--zero-stage", str(zero)), capsys)
@@ -404,26 +411,16 @@ def test_resume_after_a_skipped_step_gives_the_uninterrupted_weights(data, tmp_p
     """A step without an update still counts (as DeepSpeed counts the steps its optimizer skips), in
     the checkpoint too: a run resumed after one ends with the uninterrupted run's weights."""
     from wsshm.models import read_weights
-    real = losses.pretrain_loss
-
-    def nan_at(step):
-        calls = []
-
-        def loss(P, S):
-            calls.append(1)
-            return real(P, S) + (math.nan if len(calls) == step else 0.0)
-        return loss
-
-    monkeypatch.setattr(losses, "pretrain_loss", nan_at(2))
+    monkeypatch.setattr(losses, "pretrain_loss", nan_loss_at(2))
     with pytest.warns(UserWarning, match="step 2: non-finite"):
         code, err = run_main("pretrain", pretrain_args(data, tmp_path / "whole", "--steps", "5"), capsys)
     assert code == 0, err
-    monkeypatch.setattr(losses, "pretrain_loss", nan_at(2))
+    monkeypatch.setattr(losses, "pretrain_loss", nan_loss_at(2))
     with pytest.warns(UserWarning, match="step 2: non-finite"):
         code, err = run_main("pretrain", pretrain_args(data, tmp_path / "split", "--steps", "3", "--save-every", "3"),
                              capsys)
     assert code == 0, err
-    monkeypatch.setattr(losses, "pretrain_loss", real)
+    monkeypatch.setattr(losses, "pretrain_loss", REAL_PRETRAIN_LOSS)
     code, err = run_main("pretrain", pretrain_args(data, tmp_path / "split", "--steps", "5", "--resume"), capsys)
     assert code == 0, err
     whole, _ = read_weights(tmp_path / "whole" / "pretrain.safetensors")
