@@ -201,8 +201,8 @@ def test_a_non_finite_loss_on_one_rank_skips_the_step_on_both(pipeline, tmp_path
     _, data = pipeline
     (tmp_path / "inject").mkdir()
     (tmp_path / "inject" / "sitecustomize.py").write_text(NAN_ON_ONE_RANK)
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+    out, port = tmp_path / "run", free_port()
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
            str(ROOT / "launch" / LAUNCH_SCRIPTS["pretrain"]), *COMMON, "--zero-stage", str(zero),
            "--out", str(out), "--seg", str(data["seg"]), "--steps", "2", "--save-every", "1"]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "WSSHM_TEST_NAN_RANK": "1",
@@ -217,3 +217,5 @@ def test_a_non_finite_loss_on_one_rank_skips_the_step_on_both(pipeline, tmp_path
     assert changed and all("running_" in key or "num_batches_tracked" in key for key in changed), changed
     steps = [int(r.split(",")[0]) for r in (out / "loss.csv").read_text().splitlines()[1:]]
     assert steps == [1]
+    # DeepSpeed's CPU backend gave each rank a shared-memory buffer; the run removed both
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))

@@ -48,6 +48,17 @@ def _ensure_distributed_env() -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 
 
+def _remove_shared_allreduce_buffer(rank: int) -> None:
+    """DeepSpeed's CPU backend, when every rank is on one machine (the launcher's LOCAL_SIZE equals
+    the world size), gives each rank a 69 MB allreduce buffer in /dev/shm and never unlinks it: every
+    multi-process CPU run would leave its buffers in memory for good. Each rank maps its peers'
+    buffers during start-up, so once all ranks have met, a rank can remove the name of its own."""
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(Path("/dev/shm") / name)
+
+
 def _broadcast(value, rank: int):
     box = [value if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
@@ -79,6 +90,7 @@ class Trainer:
         self.stop_requested = False
         self.bad_in_a_row = 0
         self.resume_from: str | None = None  # the checkpoint tag --resume continues from
+        self.ranks_met = False
 
     # ------------------------------------------------------------------ checks
     def check(self) -> dict:
@@ -132,6 +144,7 @@ class Trainer:
             except ConfigError as error:
                 message = str(error)
         config, message, self.resume_from = _broadcast((config, message, self.resume_from), self.rank)
+        self.ranks_met = True  # every rank is past start-up, DeepSpeed's shared buffers included
         if message:
             if self.rank == 0:
                 print(f"wsshm {self.stage.name}: error: {message}", file=sys.stderr, flush=True)
@@ -382,3 +395,5 @@ def main(stage_name: str, argv: list[str] | None = None, default_config: str | N
     finally:
         if dist.is_initialized():
             deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's cached groups
+        if trainer.ranks_met:
+            _remove_shared_allreduce_buffer(trainer.rank)
